@@ -1,0 +1,1 @@
+//! onevision operator: CRD types, the pure planner, controllers.

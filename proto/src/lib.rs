@@ -1,0 +1,1 @@
+//! Generated gRPC types for `onevision.v1` live here (see build.rs).

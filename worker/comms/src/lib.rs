@@ -1,0 +1,1 @@
+//! Communicator trait: TCP ring all-reduce on CPU, NCCL on GPU

@@ -1,0 +1,1 @@
+//! CUDA backend: NVRTC-compiled kernels, cuBLASLt, NCCL

@@ -1,0 +1,1 @@
+//! Rule-based GRPO rewards: format, accuracy, IoU, weighted sums, user plug-ins

@@ -1,0 +1,1 @@
+//! Training math: losses, AdamW, schedules, atomic training checkpoints
