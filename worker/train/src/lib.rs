@@ -4,12 +4,18 @@
 //! wires it in by passing log-probs/logits and gradients.
 
 pub mod grpo;
+pub mod optim;
+pub mod schedule;
 pub mod sft;
+pub mod tensor;
 
 pub use grpo::{
     group_advantages, grpo_loss, Advantages, Aggregation, GrpoBatch, GrpoConfig, GrpoError, GrpoOutput, GrpoStats,
     KlEstimator,
 };
+pub use optim::{adamw_update, clip_grad_norm, AdamW, AdamWConfig, AdamWHyper, GradAccumulator, GroupSpec, OptimError, ParamState};
+pub use schedule::{Schedule, ScheduleError, ScheduleKind, Warmup};
+pub use tensor::{Tensor, TensorMap};
 pub use sft::{
     assistant_labels, assistant_mask, cross_entropy, shift_labels, CeOutput, ChatTokens, SftError, IGNORE_INDEX,
 };
