@@ -3,12 +3,14 @@
 //! Model-independent: everything works on plain slices and named f32 tensors, so the model crate
 //! wires it in by passing log-probs/logits and gradients.
 
+pub mod checkpoint;
 pub mod grpo;
 pub mod optim;
 pub mod schedule;
 pub mod sft;
 pub mod tensor;
 
+pub use checkpoint::{CheckpointError, CheckpointManager, DataPosition, LatestValid, Manifest, TrainingState};
 pub use grpo::{
     group_advantages, grpo_loss, Advantages, Aggregation, GrpoBatch, GrpoConfig, GrpoError, GrpoOutput, GrpoStats,
     KlEstimator,
