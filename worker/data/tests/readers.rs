@@ -1,0 +1,217 @@
+use base64::Engine;
+use onevision_data::*;
+use std::fs;
+use std::path::Path;
+
+// Minimal byte strings with real image magic numbers (the readers only sniff headers).
+const PNG: &[u8] = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDRfake-png-body";
+const JPEG: &[u8] = b"\xFF\xD8\xFF\xE0\x00\x10JFIFfake-jpeg-body";
+
+fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn sharegpt_jsonl_messages_and_images() {
+    let d = tempfile::tempdir().unwrap();
+    fs::create_dir(d.path().join("imgs")).unwrap();
+    fs::write(d.path().join("imgs/a.png"), PNG).unwrap();
+    fs::write(d.path().join("imgs/b.png"), PNG).unwrap();
+    let rows = [
+        r#"{"messages": [{"role": "user", "content": "<image>Compare with <image>"}, {"role": "assistant", "content": "<think>x</think><answer>A</answer>"}], "images": ["imgs/a.png", "imgs/b.png"]}"#,
+        "",
+        r#"{"id": 17, "system": "be brief", "messages": [{"role": "user", "content": "no image"}, {"role": "assistant", "content": "ok"}], "source": "synthetic"}"#,
+    ];
+    let p = write(d.path(), "sft.jsonl", &rows.join("\n"));
+    let opts = ReadOptions { check_image_files: true, ..Default::default() };
+    let ds = Dataset::open(&p, &opts).unwrap();
+    assert_eq!(ds.len(), 2);
+    assert_eq!((ds.report.rows, ds.report.loaded, ds.report.skipped), (2, 2, 0));
+    let s = ds.get(0).unwrap();
+    assert_eq!(s.id, "sft:1");
+    assert_eq!(s.images, vec![ImageSource::Path(d.path().join("imgs/a.png")), ImageSource::Path(d.path().join("imgs/b.png"))]);
+    assert_eq!(s.messages[1].role, "assistant");
+    assert_eq!(s.placeholder_count(), 2);
+    let s = ds.get(1).unwrap();
+    assert_eq!(s.id, "17");
+    assert_eq!(s.messages[0], Message { role: "system".into(), content: "be brief".into() });
+    assert_eq!(s.meta, serde_json::json!({"source": "synthetic"}));
+    assert!(s.images.is_empty());
+    assert!(matches!(ds.get(2), Err(DataError::Index { index: 2, len: 2 })));
+    assert_eq!(ds.size_hint(1), Some(("be brief".len() + "no image".len() + 2, 0)));
+
+    // Same rows as a JSON array.
+    let arr = format!("[{}, {}]", rows[0], rows[2]);
+    let p = write(d.path(), "sft.json", &arr);
+    let ds2 = Dataset::open(&p, &opts).unwrap();
+    assert_eq!(ds2.get(0).unwrap().messages, ds.get(0).unwrap().messages);
+}
+
+#[test]
+fn bad_rows_fail_with_file_and_row_or_are_skipped() {
+    let d = tempfile::tempdir().unwrap();
+    let rows = [
+        r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}"#,
+        r#"{"messages": [{"role": "user", "content": "<image><image>"}], "images": ["a.png"]}"#,
+        r#"{"messages": [{"role": "user", "content": "x"}"#,
+        r#"{"messages": [{"role": "tool", "content": "x"}]}"#,
+        r#"{"messages": [{"role": "user", "content": "<image>"}], "images": ["missing.png"]}"#,
+        r#"[1, 2]"#,
+        r#"{"messages": [{"role": "assistant", "content": "only me"}]}"#,
+    ];
+    fs::write(d.path().join("a.png"), PNG).unwrap();
+    let p = write(d.path(), "bad.jsonl", &rows.join("\n"));
+    let strict = ReadOptions { check_image_files: true, ..Default::default() };
+    let e = Dataset::open(&p, &strict).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, DataError::Row { row: 2, .. }), "{msg}");
+    assert!(msg.contains("bad.jsonl") && msg.contains("row 2") && msg.contains("2 `<image>` placeholder(s) but 1 image(s)"), "{msg}");
+
+    let lenient = ReadOptions { on_bad_row: OnBadRow::Skip, check_image_files: true, ..Default::default() };
+    let ds = Dataset::open(&p, &lenient).unwrap();
+    assert_eq!(ds.len(), 1);
+    assert_eq!((ds.report.rows, ds.report.skipped), (7, 6));
+    let rows_failed: Vec<usize> = ds.report.errors.iter().map(|e| match e {
+        DataError::Row { row, .. } => *row,
+        other => panic!("{other}"),
+    }).collect();
+    assert_eq!(rows_failed, vec![2, 3, 4, 5, 6, 7]);
+    let texts: Vec<String> = ds.report.errors.iter().map(|e| e.to_string()).collect();
+    assert!(texts[1].contains("invalid JSON"), "{}", texts[1]);
+    assert!(texts[2].contains("unsupported role \"tool\""), "{}", texts[2]);
+    assert!(texts[3].contains("image file not found"), "{}", texts[3]);
+    assert!(texts[4].contains("JSON object"), "{}", texts[4]);
+    assert!(texts[5].contains("no user turn"), "{}", texts[5]);
+
+    // A JSON file that is not an array, and unknown extensions / parquet.
+    let p = write(d.path(), "x.json", "{\"a\": 1}");
+    assert!(Dataset::open(&p, &lenient).unwrap_err().to_string().contains("not a JSON array"));
+    let p = write(d.path(), "x.csv", "");
+    assert!(Dataset::open(&p, &lenient).unwrap_err().to_string().contains("unknown data file extension"));
+    let p = write(d.path(), "x.parquet", "");
+    assert!(Dataset::open(&p, &lenient).unwrap_err().to_string().contains("parquet"));
+    assert!(matches!(Dataset::open(d.path().join("nope.jsonl"), &lenient), Err(DataError::Io { .. })));
+}
+
+#[test]
+fn r1_onevision_rows() {
+    let d = tempfile::tempdir().unwrap();
+    fs::write(d.path().join("pic.jpg"), JPEG).unwrap();
+    let rows = [
+        // base64 (JPEG base64 starts with "/9j/", which must not be taken for a path)
+        format!(
+            r#"{{"id": "r1-0", "image": "{}", "conversations": [{{"from": "human", "value": "<image>\nWhat is x?"}}, {{"from": "gpt", "value": "<think>t</think> x = 2"}}]}}"#,
+            b64(JPEG)
+        ),
+        // path; no placeholder → prepended
+        r#"{"id": "r1-1", "image": "pic.jpg", "conversations": [{"from": "human", "value": "Describe."}, {"from": "gpt", "value": "A cat."}]}"#.to_string(),
+        // data URL and HF Image object with base64 bytes
+        format!(
+            r#"{{"id": "r1-2", "image": "data:image/png;base64,{}", "conversations": [{{"from": "human", "value": "<image>q"}}, {{"from": "gpt", "value": "a"}}]}}"#,
+            b64(PNG)
+        ),
+        format!(
+            r#"{{"id": "r1-3", "image": {{"bytes": "{}", "path": null}}, "conversations": [{{"from": "human", "value": "<image>q"}}, {{"from": "gpt", "value": "a"}}]}}"#,
+            b64(PNG)
+        ),
+        r#"{"id": "r1-4", "image": {"bytes": [137, 80, 78, 71], "path": "ignored.png"}, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}"#.to_string(),
+        r#"{"id": "r1-5", "image": null, "conversations": [{"from": "human", "value": "text only"}, {"from": "gpt", "value": "a"}]}"#.to_string(),
+    ];
+    let p = write(d.path(), "r1.jsonl", &rows.join("\n"));
+    let ds = Dataset::open(&p, &ReadOptions { check_image_files: true, ..Default::default() }).unwrap();
+    assert_eq!(ds.len(), 6);
+    let s0 = ds.get(0).unwrap();
+    assert_eq!(s0.images, vec![ImageSource::Bytes(JPEG.to_vec())]);
+    assert_eq!(s0.messages[0].role, "user");
+    assert_eq!(s0.messages[1].role, "assistant");
+    let s1 = ds.get(1).unwrap();
+    assert_eq!(s1.images, vec![ImageSource::Path(d.path().join("pic.jpg"))]);
+    assert_eq!(s1.messages[0].content, "<image>\nDescribe.");
+    assert_eq!(ds.get(2).unwrap().images, vec![ImageSource::Bytes(PNG.to_vec())]);
+    assert_eq!(ds.get(3).unwrap().images, vec![ImageSource::Bytes(PNG.to_vec())]);
+    assert_eq!(ds.get(4).unwrap().images, vec![ImageSource::Bytes(b"\x89PNG".to_vec())]);
+    assert!(ds.get(5).unwrap().images.is_empty());
+
+    // Explicit format mismatching the row is a clear row error.
+    let opts = ReadOptions { format: RowFormat::Sharegpt, ..Default::default() };
+    assert!(Dataset::open(&p, &opts).unwrap_err().to_string().contains("missing `messages`"));
+}
+
+#[test]
+fn grpo_prompt_rows() {
+    let d = tempfile::tempdir().unwrap();
+    fs::write(d.path().join("c.png"), PNG).unwrap();
+    let rows = [
+        r#"{"image": "c.png", "problem": "How many cubes?", "solution": "<answer> 3 </answer>"}"#,
+        r#"{"question": "<image>Which?", "answer": "C", "image": "c.png", "level": "hard"}"#,
+        r#"{"prompt": "2+2?", "ground_truth": 4}"#,
+    ];
+    let p = write(d.path(), "grpo.jsonl", &rows.join("\n"));
+    let ds = Dataset::open(&p, &ReadOptions::default()).unwrap();
+    let s = ds.get(0).unwrap();
+    assert_eq!(s.messages, vec![Message { role: "user".into(), content: "<image>\nHow many cubes?".into() }]);
+    assert_eq!(s.answer.as_deref(), Some("<answer> 3 </answer>"));
+    let s = ds.get(1).unwrap();
+    assert_eq!(s.messages[0].content, "<image>Which?");
+    assert_eq!(s.answer.as_deref(), Some("C"));
+    assert_eq!(s.meta, serde_json::json!({"level": "hard"}));
+    let s = ds.get(2).unwrap();
+    assert_eq!(s.answer.as_deref(), Some("4"));
+    assert!(s.images.is_empty());
+}
+
+#[test]
+fn bench_tsv() {
+    let d = tempfile::tempdir().unwrap();
+    // pandas-style quoting: a question with a tab and a newline, quotes doubled.
+    let tsv = format!(
+        "index\timage\tquestion\tchoices\tanswer\tlevel\tcategory\n\
+         0\t{png}\t\"Which \"\"shape\"\"?\tline two\nmore\"\t[\"A. circle\", \"B. square\"]\tB\tHigh School\tMath\n\
+         1\t0\tSame picture, other question\t\t12\tCollege\tPhysics\n\
+         2\tnot-base64!!\tbroken\t\tA\tCollege\tMath\n\
+         3\t99\tdangling reference\t\tA\tCollege\tMath\n",
+        png = b64(PNG)
+    );
+    let p = write(d.path(), "bench.tsv", &tsv);
+    let e = Dataset::open(&p, &ReadOptions::default()).unwrap_err();
+    assert!(matches!(e, DataError::Row { row: 3, .. }) && e.to_string().contains("base64"), "{e}");
+    let opts = ReadOptions { on_bad_row: OnBadRow::Skip, instruction: Some(R1_EVAL_PROMPT.into()), ..Default::default() };
+    let ds = Dataset::open(&p, &opts).unwrap();
+    assert_eq!((ds.len(), ds.report.skipped), (2, 2));
+    assert!(ds.report.errors[1].to_string().contains("index 99"));
+    let s = ds.get(0).unwrap();
+    assert_eq!(s.id, "0");
+    assert_eq!(
+        s.messages[0].content,
+        format!("<image>\nWhich \"shape\"?\tline two\nmore\nA. circle\nB. square\n{R1_EVAL_PROMPT}")
+    );
+    assert_eq!(s.answer.as_deref(), Some("B"));
+    assert_eq!(s.images, vec![ImageSource::Bytes(PNG.to_vec())]);
+    assert_eq!(s.meta["level"], "High School");
+    assert_eq!(s.meta["category"], "Math");
+    let s = ds.get(1).unwrap();
+    assert_eq!(s.images, vec![ImageSource::Bytes(PNG.to_vec())]); // resolved reference
+    assert_eq!(s.messages[0].content, format!("<image>\nSame picture, other question\n{R1_EVAL_PROMPT}"));
+
+    let p = write(d.path(), "nocol.tsv", "index\tquestion\n0\tq\n");
+    assert!(Dataset::open(&p, &opts).unwrap_err().to_string().contains("missing column `image`"));
+}
+
+#[test]
+fn open_many_and_lengths() {
+    let d = tempfile::tempdir().unwrap();
+    let a = write(d.path(), "a.jsonl", r#"{"prompt": "abcd", "answer": "1"}"#);
+    let b = write(d.path(), "b.json", r#"[{"prompt": "abcdefgh", "answer": "2", "image": null}]"#);
+    let ds = Dataset::open_many(&[a, b], &ReadOptions::default()).unwrap();
+    assert_eq!(ds.len(), 2);
+    assert_eq!(ds.estimated_lengths(4.0, 100), vec![1, 2]);
+    assert_eq!(ds.get(1).unwrap().answer.as_deref(), Some("2"));
+    let from = Dataset::from_samples(vec![ds.get(0).unwrap()]);
+    assert_eq!(from.get(0).unwrap(), ds.get(0).unwrap());
+}
