@@ -485,3 +485,34 @@ pub fn attention_backward<T: Real>(dout: &[T], q: &[T], k: &[T], v: &[T], dims: 
     });
     (dq, dk, dv)
 }
+
+/// Gradients of `matmul`: d op(A) = dY·op(B)ᵀ, d op(B) = op(A)ᵀ·dY, transposes folded back;
+/// a shared `b` accumulates over the batch.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_backward<T: Real>(dy: &[T], a: &[T], b: &[T], batch: usize, b_shared: bool, m: usize, k: usize, n: usize, ta: bool, tb: bool) -> (Vec<T>, Vec<T>) {
+    let mut da = vec![T::ZERO; a.len()];
+    let mut db = vec![T::ZERO; b.len()];
+    for i in 0..batch {
+        let dyi = &dy[i * m * n..(i + 1) * m * n];
+        let ai = &a[i * m * k..(i + 1) * m * k];
+        let bo = if b_shared { 0 } else { i * k * n };
+        let bi = &b[bo..bo + k * n];
+        // d op(A) [m,k] = dY [m,n] · op(B)ᵀ [n,k]; op(B)ᵀ is b read with the opposite flag.
+        let dopa = matmul(dyi, bi, 1, true, m, n, k, false, !tb);
+        for r in 0..m {
+            for c in 0..k {
+                let dst = if ta { c * m + r } else { r * k + c };
+                da[i * m * k + dst] = dopa[r * k + c];
+            }
+        }
+        // d op(B) [k,n] = op(A)ᵀ [k,m] · dY [m,n]
+        let dopb = matmul(ai, dyi, 1, true, k, m, n, !ta, false);
+        for r in 0..k {
+            for c in 0..n {
+                let dst = if tb { bo + c * k + r } else { bo + r * n + c };
+                db[dst] += dopb[r * n + c];
+            }
+        }
+    }
+    (da, db)
+}

@@ -168,34 +168,7 @@ impl Backend for CpuBackend {
         if dy.numel() != batch * m * n {
             return shape_err("matmul_backward", format!("dy {:?} for output [{batch}, {m}, {n}]", dy.shape()));
         }
-        // op(A) = dY·op(B)ᵀ; op(B) = op(A)ᵀ·dY. Transposes are folded into the matmul flags.
-        let mut da = vec![0f32; a.numel()];
-        let mut db = vec![0f32; b.numel()];
-        for i in 0..batch {
-            let dyi = &dyv[i * m * n..(i + 1) * m * n];
-            let ai = &av[i * m * k..(i + 1) * m * k];
-            let bo = if shared { 0 } else { i * k * n };
-            let bi = &bv[bo..bo + k * n];
-            // d op(A) [m,k] = dY [m,n] · op(B)ᵀ [n,k]
-            let dopa = kernels::matmul(dyi, bi, 1, true, m, n, k, false, !trans_b);
-            if trans_a {
-                for r in 0..m {
-                    for c in 0..k {
-                        da[i * m * k + c * m + r] = dopa[r * k + c];
-                    }
-                }
-            } else {
-                da[i * m * k..(i + 1) * m * k].copy_from_slice(&dopa);
-            }
-            // d op(B) [k,n] = op(A)ᵀ [k,m] · dY [m,n]
-            let dopb = kernels::matmul(ai, dyi, 1, true, k, m, n, !trans_a, false);
-            for r in 0..k {
-                for c in 0..n {
-                    let dst = if trans_b { bo + c * k + r } else { bo + r * n + c };
-                    db[dst] += dopb[r * n + c];
-                }
-            }
-        }
+        let (da, db) = kernels::matmul_backward(dyv, av, &bv, batch, shared, m, k, n, trans_a, trans_b);
         Ok((Tensor::from_f32(a.shape(), da)?, Tensor::from_f32(b.shape(), db)?))
     }
 
