@@ -5,9 +5,13 @@
 //! Everything is loaded dynamically (cudarc `dynamic-loading`), so this crate builds and its tests run
 //! on machines without CUDA; functions that need a library return a typed error saying how to get it.
 
+pub mod alloc;
+pub mod blas;
 pub mod check;
 pub mod compile;
 pub mod error;
+pub mod gpu;
+pub mod nccl;
 pub mod sources;
 pub mod toolchain;
 
