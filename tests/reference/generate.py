@@ -8,6 +8,7 @@ against these files; CI has no torch, so the outputs are committed.
 Usage (from the repository root; see README.md in this folder):
     .venv-ref/bin/python tests/reference/generate.py            # model + preprocess fixtures
     .venv-ref/bin/python tests/reference/generate.py --only preprocess
+    .venv-ref/bin/python tests/reference/generate.py --only grad   # needs the model fixtures
 
 Deterministic: every random draw comes from fixed seeds, torch runs single-threaded, and each
 output directory is deleted and rewritten, so re-running reproduces the same files.
@@ -635,13 +636,81 @@ def generate_preprocess_fixtures() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# gradient fixtures (for the training engine): SFT loss, per-token log-probs, parameter grads
+
+GRAD_CASES = [
+    {"name": "grad_text_only", "prompt": "Solve for x: 3x + 5 = 20.", "images": [],
+     "answer": "<think> 3x = 15 </think> <answer> 5 </answer>"},
+    {"name": "grad_two_images", "prompt": "Compare the two pictures.",
+     "images": ["../images/a_h56_w84.png", "../images/e_h20_w30.png"],
+     "answer": "The answer is B."},
+]
+
+
+def write_grad_case(model, processor, case: dict, root: Path) -> None:
+    """Prompt (chat template, generation prompt) + answer + <|im_end|>, labels -100 on the
+    prompt: the SFT objective. transformers' loss shifts labels by one and averages the
+    cross-entropy (fp32 logits) over non-ignored tokens."""
+    out = root / case["name"]
+    out.mkdir(parents=True)
+    inputs = process_case(processor, case, root)
+    prompt_ids = inputs["input_ids"][0]
+    answer_ids = processor.tokenizer(case["answer"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    ids = torch.cat([prompt_ids, torch.tensor(answer_ids, dtype=torch.long)])[None]
+    labels = ids.clone()
+    labels[0, : prompt_ids.shape[0]] = -100
+    fwd = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if "pixel_values" in inputs:
+        fwd["pixel_values"] = inputs["pixel_values"]
+        fwd["image_grid_thw"] = inputs["image_grid_thw"]
+        save_npy(out / "pixel_values.npy", inputs["pixel_values"].numpy().astype(np.float32))
+        save_npy(out / "image_grid_thw.npy", inputs["image_grid_thw"].numpy().astype(np.int64))
+    else:
+        save_npy(out / "image_grid_thw.npy", np.zeros((0, 3), dtype=np.int64))
+    save_npy(out / "input_ids.npy", ids[0].numpy().astype(np.int64))
+    save_npy(out / "labels.npy", labels[0].numpy().astype(np.int64))
+
+    model.zero_grad(set_to_none=True)
+    res = model(**fwd, labels=labels)
+    res.loss.backward()
+    logp = torch.log_softmax(res.logits[0].float(), dim=-1)
+    token_logprobs = logp[:-1].gather(1, ids[0, 1:, None])[:, 0]
+    save_npy(out / "token_logprobs.npy", token_logprobs.detach().numpy().astype(np.float32))
+    n_label = int((labels[0, 1:] != -100).sum())
+    save_json(out / "loss.json", {"loss": float(res.loss.detach()), "num_label_tokens": n_label})
+    grads = {}
+    # Tied lm_head is the embedding (listed once, both uses accumulated). Parameters outside
+    # the graph (the vision tower in a text-only case) have no gradient and are left out.
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            grads[official_name(name)] = p.grad.detach().float().contiguous().clone()
+    save_file(dict(sorted(grads.items())), str(out / "grads.safetensors"), metadata={"format": "pt"})
+
+
+def generate_grad_fixtures() -> None:
+    for spec in CHECKPOINTS:
+        root = FIXTURES / spec.name
+        model_dir = root / "model"
+        assert model_dir.exists(), f"{model_dir} missing: generate the model fixtures first"
+        for old in [d for d in root.glob("grad_*") if d.is_dir()]:
+            shutil.rmtree(old)
+        model = load_reference_model(model_dir)
+        processor = load_processor(model_dir)
+        save_json(root / "grad_cases.json", GRAD_CASES)
+        with torch.enable_grad():
+            for case in GRAD_CASES:
+                write_grad_case(model, processor, case, root)
+        print(f"wrote {root.relative_to(HERE)}/grad_*")
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["images", "model", "preprocess"], action="append")
+    ap.add_argument("--only", choices=["images", "model", "preprocess", "grad"], action="append")
     args = ap.parse_args()
-    only = set(args.only or ["images", "model", "preprocess"])
+    only = set(args.only or ["images", "model", "preprocess", "grad"])
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     write_images()  # always: the other kinds read them
@@ -649,6 +718,8 @@ def main() -> None:
         generate_model_fixtures()
     if "preprocess" in only:
         generate_preprocess_fixtures()
+    if "grad" in only:
+        generate_grad_fixtures()
 
 
 if __name__ == "__main__":
