@@ -5,8 +5,10 @@
 //   GQA: query head h reads kv head h / (n_heads / n_kv_heads);
 //   variable-length: sequences packed along tokens, segment s = tokens [cu[s], cu[s+1]) (text: one
 //   segment per sample; vision: cu_window_seqlens or cu_seqlens of §3.6, non-causal);
-//   causal (text): query i of a segment sees keys j <= i + (len_k - len_q) (bottom-right aligned, equal
-//   lengths in training).
+//   causal (text): query i of a segment sees keys j <= i + causal_offset (0 in training; the cache slot
+//   of query 0 when decoding/prefilling after a prefix: Backend's AttnMask::Causal { q_offset });
+//   optional k_start[s]: keys j < k_start[s] are masked (left padding); optional k_len[s] overrides
+//   cu_k[s+1] - cu_k[s] (a [B, S_max] cache holding kv_len valid rows: cu_k = b * S_max).
 // Layouts (token-major, head_dim contiguous; strides in elements so q/k/v can be views of a fused qkv):
 //   q[(cu_q[s] + i) * q_stride + h * D + d], k/v likewise with kv head and k_stride/v_stride,
 //   o[(cu_q[s] + i) * o_stride + h * D + d]; lse[h * total_q + token] f32 (natural log, saved for bwd;
@@ -96,7 +98,9 @@ __device__ __forceinline__ void attn_fwd(const bf16* __restrict__ q, const bf16*
                                          const bf16* __restrict__ v, bf16* __restrict__ o, float* __restrict__ lse,
                                          const int* __restrict__ cu_q, const int* __restrict__ cu_k, int total_q,
                                          int n_heads, int n_kv_heads, long long q_stride, long long k_stride,
-                                         long long v_stride, long long o_stride, float scale, int causal) {
+                                         long long v_stride, long long o_stride, float scale, int causal,
+                                         int causal_offset, const int* __restrict__ k_start,
+                                         const int* __restrict__ k_lens) {
     constexpr int LD = D + 8, KT = D / 16, NT = D / 8;
     extern __shared__ __align__(16) unsigned char att_smem[];
     bf16* Qs = reinterpret_cast<bf16*>(att_smem);
@@ -105,12 +109,13 @@ __device__ __forceinline__ void attn_fwd(const bf16* __restrict__ q, const bf16*
 
     const int seq = blockIdx.z, h = blockIdx.y;
     const int q0 = cu_q[seq], q_len = cu_q[seq + 1] - q0;
-    const int k0 = cu_k[seq], k_len = cu_k[seq + 1] - k0;
+    const int k0 = cu_k[seq], k_len = k_lens ? k_lens[seq] : cu_k[seq + 1] - k0;
+    const int kmin = k_start ? k_start[seq] : 0;
     const int m_start = blockIdx.x * ATT_BM;
     if (m_start >= q_len) return;
     const int kvh = h / (n_heads / n_kv_heads);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int offset = k_len - q_len;  // causal alignment (0 in training)
+    const int offset = causal_offset;
 
     load_tile<D>(Qs, q + (long long)q0 * q_stride + h * D, q_stride, m_start, q_len, tid);
     cp_async_wait_all();
@@ -128,7 +133,7 @@ __device__ __forceinline__ void attn_fwd(const bf16* __restrict__ q, const bf16*
 
     int n_end = k_len;
     if (causal) n_end = min(k_len, max(0, m_start + ATT_BM + offset));
-    for (int n_start = 0; n_start < n_end; n_start += ATT_BN) {
+    for (int n_start = (kmin / ATT_BN) * ATT_BN; n_start < n_end; n_start += ATT_BN) {
         __syncthreads();  // everyone is done with the previous K/V tile
         load_tile<D>(Ks, k + (long long)k0 * k_stride + kvh * D, k_stride, n_start, k_len, tid);
         load_tile<D>(Vs, v + (long long)k0 * v_stride + kvh * D, v_stride, n_start, k_len, tid);
@@ -156,7 +161,7 @@ __device__ __forceinline__ void attn_fwd(const bf16* __restrict__ q, const bf16*
             for (int e = 0; e < 4; ++e) {
                 const int col = n_start + nt * 8 + (lane & 3) * 2 + (e & 1);
                 const int row = row_a + (e >> 1) * 8;
-                const bool ok = col < k_len && (!causal || col <= row + offset);
+                const bool ok = col < k_len && col >= kmin && (!causal || col <= row + offset);
                 s[nt][e] = ok ? s[nt][e] * sl2 : -OV_INF;
                 mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
             }
@@ -227,8 +232,9 @@ __device__ __forceinline__ void attn_fwd(const bf16* __restrict__ q, const bf16*
     const bf16 *__restrict__ q, const bf16 *__restrict__ k, const bf16 *__restrict__ v, bf16 *__restrict__ o, \
         float *__restrict__ lse, const int *__restrict__ cu_q, const int *__restrict__ cu_k, int total_q,     \
         int n_heads, int n_kv_heads, long long q_stride, long long k_stride, long long v_stride,            \
-        long long o_stride, float scale, int causal
-#define ATT_FWD_PASS q, k, v, o, lse, cu_q, cu_k, total_q, n_heads, n_kv_heads, q_stride, k_stride, v_stride, o_stride, scale, causal
+        long long o_stride, float scale, int causal, int causal_offset, const int *__restrict__ k_start,   \
+        const int *__restrict__ k_lens
+#define ATT_FWD_PASS q, k, v, o, lse, cu_q, cu_k, total_q, n_heads, n_kv_heads, q_stride, k_stride, v_stride, o_stride, scale, causal, causal_offset, k_start, k_lens
 
 extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_fwd_hd128_bf16(ATT_FWD_ARGS) { attn_fwd<128>(ATT_FWD_PASS); }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_fwd_hd80_bf16(ATT_FWD_ARGS) { attn_fwd<80>(ATT_FWD_PASS); }
@@ -258,7 +264,8 @@ __device__ __forceinline__ void attn_bwd(const bf16* __restrict__ q, const bf16*
                                          const int* __restrict__ cu_q, const int* __restrict__ cu_k, int total_q,
                                          int n_heads, int n_kv_heads, long long q_stride, long long k_stride,
                                          long long v_stride, long long do_stride, long long dk_stride,
-                                         long long dv_stride, float scale, int causal) {
+                                         long long dv_stride, float scale, int causal, int causal_offset,
+                                         const int* __restrict__ k_start, const int* __restrict__ k_lens) {
     constexpr int LD = D + 8, KT = D / 16, NT = D / 8, LDS = ATT_BN + 8;
     extern __shared__ __align__(16) unsigned char att_smem[];
     bf16* Ks = reinterpret_cast<bf16*>(att_smem);
@@ -271,12 +278,13 @@ __device__ __forceinline__ void attn_bwd(const bf16* __restrict__ q, const bf16*
 
     const int seq = blockIdx.z, kvh = blockIdx.y;
     const int q0 = cu_q[seq], q_len = cu_q[seq + 1] - q0;
-    const int k0 = cu_k[seq], k_len = cu_k[seq + 1] - k0;
+    const int k0 = cu_k[seq], k_len = k_lens ? k_lens[seq] : cu_k[seq + 1] - k0;
+    const int kmin = k_start ? k_start[seq] : 0;
     const int n_start = blockIdx.x * ATT_BN;
     if (n_start >= k_len) return;
     const int group = n_heads / n_kv_heads;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int offset = k_len - q_len;
+    const int offset = causal_offset;
     const float sl2 = scale * OV_LOG2E;
 
     load_tile<D>(Ks, k + (long long)k0 * k_stride + kvh * D, k_stride, n_start, k_len, tid);
@@ -329,7 +337,7 @@ __device__ __forceinline__ void attn_bwd(const bf16* __restrict__ q, const bf16*
                     const int ql = nt * 8 + (lane & 3) * 2 + (e & 1);
                     const int kv = kv_a + (e >> 1) * 8;
                     const int qi = m_start + ql;
-                    const bool ok = kv < k_len && qi < q_len && (!causal || kv <= qi + offset);
+                    const bool ok = kv < k_len && kv >= kmin && qi < q_len && (!causal || kv <= qi + offset);
                     p[nt][e] = ok ? exp2f(p[nt][e] * sl2 - lse_s[ql] * OV_LOG2E) : 0.f;
                 }
             }
@@ -437,9 +445,9 @@ __device__ __forceinline__ void attn_bwd(const bf16* __restrict__ q, const bf16*
         float *__restrict__ dq_acc, bf16 *__restrict__ dk, bf16 *__restrict__ dv, const int *__restrict__ cu_q, \
         const int *__restrict__ cu_k, int total_q, int n_heads, int n_kv_heads, long long q_stride,             \
         long long k_stride, long long v_stride, long long do_stride, long long dk_stride, long long dv_stride,  \
-        float scale, int causal
+        float scale, int causal, int causal_offset, const int *__restrict__ k_start, const int *__restrict__ k_lens
 #define ATT_BWD_PASS q, k, v, dout, lse, dd, dq_acc, dk, dv, cu_q, cu_k, total_q, n_heads, n_kv_heads, q_stride, \
-                     k_stride, v_stride, do_stride, dk_stride, dv_stride, scale, causal
+                     k_stride, v_stride, do_stride, dk_stride, dv_stride, scale, causal, causal_offset, k_start, k_lens
 
 extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_bwd_hd128_bf16(ATT_BWD_ARGS) { attn_bwd<128>(ATT_BWD_PASS); }
 extern "C" __global__ void __launch_bounds__(ATT_THREADS) attn_bwd_hd80_bf16(ATT_BWD_ARGS) { attn_bwd<80>(ATT_BWD_PASS); }

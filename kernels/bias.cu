@@ -4,10 +4,10 @@
 //   bwd: db[c] (+)= sum_r dy[r, c]          (fp32)
 // Layouts: y, dy [rows, cols] bf16 row-major; b [cols] bf16; db [cols] f32.
 
-// grid: (ceil(cols / 256), rows); block 256.
+// grid: (rows, ceil(cols / 256)); block 256.
 extern "C" __global__ void bias_add_bf16(bf16* __restrict__ y, const bf16* __restrict__ b, int rows, int cols) {
-    const int r = blockIdx.y;
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    const int r = blockIdx.x;
+    const int c = blockIdx.y * blockDim.x + threadIdx.x;
     if (r >= rows || c >= cols) return;
     const long long i = (long long)r * cols + c;
     y[i] = tobf(bf(y[i]) + bf(b[c]));

@@ -71,20 +71,20 @@ extern "C" __global__ void ce_finalize_f32(const float* __restrict__ run_max, co
 }
 
 // d loss_t / d logit = (softmax - onehot) / T, times the upstream dloss[t] (e.g. 1/num_valid_tokens).
-// grid: (ceil(C / 1024), rows); block 256; 4 columns per thread.
+// grid: (rows, ceil(C / 1024)); block 256; 4 columns per thread.
 extern "C" __global__ void ce_chunk_grad_bf16(const float* __restrict__ logits, long long ld,
                                               const int* __restrict__ labels, const float* __restrict__ lse,
                                               const float* __restrict__ dloss, bf16* __restrict__ grad,
                                               long long ldg, int rows, int chunk, int chunk_start, float inv_temp,
                                               int round_bf16, int ignore_index) {
-    const int r = blockIdx.y;
+    const int r = blockIdx.x;
     if (r >= rows) return;
     const int y = labels[r];
     const float scale = y == ignore_index ? 0.f : dloss[r] * inv_temp;
     const float l = lse[r];
     const float* x = logits + (long long)r * ld;
     bf16* g = grad + (long long)r * ldg;
-    const int c0 = (blockIdx.x * blockDim.x + threadIdx.x) * 4;
+    const int c0 = (blockIdx.y * blockDim.x + threadIdx.x) * 4;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const int c = c0 + i;

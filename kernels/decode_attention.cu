@@ -1,10 +1,12 @@
 // Decode attention over the KV cache (one new query token per sequence), split-K ("flash decoding").
 // CPU reference: onevision-model's attention with a KV cache (worker/model), i.e. for sequence b and
 // head h:  out[b,h,:] = softmax(scale * q[b,h,:] . K[b,kvh,0:len_b,:]^T) V[b,kvh,0:len_b,:],
-// kvh = h / (n_heads / n_kv_heads), no mask (the cache holds only past and current tokens; the
-// current token's k/v are written at position len_b - 1 before this runs).
-// Layouts: q [batch, n_heads, 128] bf16; k_cache/v_cache [batch, n_kv_heads, max_len, 128] bf16;
-// lengths [batch] int32; out [batch, n_heads, 128] bf16.
+// kvh = h / (n_heads / n_kv_heads), keys k_start_b <= j < len_b (the cache holds only past and current
+// tokens; the current token's k/v are written at slot len_b - 1 before this runs; k_start skips left
+// padding, null = 0).
+// Layouts: q [batch, n_heads, 128] bf16; k_cache/v_cache [batch, max_len, n_kv_heads, 128] bf16 (the
+// model's KvCache layout, token-major: each key row is 256 contiguous bytes); lengths [batch] int32;
+// out [batch, n_heads, 128] bf16.
 // Workspace: part_o [batch, n_heads, splits, 128] f32 (unnormalised), part_ml [batch, n_heads, splits, 2]
 // f32 (running max in the log2 domain, sum). Head dim 128 only (decoding is text-only).
 // One block handles all G = n_heads / n_kv_heads (<= 8) query heads of a kv head, so each K/V row is
@@ -18,8 +20,8 @@
 extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32)
 decode_attn_split_hd128_bf16(const bf16* __restrict__ q, const bf16* __restrict__ k_cache,
                              const bf16* __restrict__ v_cache, const int* __restrict__ lengths,
-                             float* __restrict__ part_o, float* __restrict__ part_ml, int n_heads,
-                             int n_kv_heads, int max_len, float scale) {
+                             const int* __restrict__ k_start, float* __restrict__ part_o,
+                             float* __restrict__ part_ml, int n_heads, int n_kv_heads, int max_len, float scale) {
     __shared__ float sm_m[DEC_WARPS][DEC_MAXG];
     __shared__ float sm_l[DEC_WARPS][DEC_MAXG];
     __shared__ float sm_o[DEC_WARPS][DEC_MAXG][DEC_D];
@@ -27,8 +29,9 @@ decode_attn_split_hd128_bf16(const bf16* __restrict__ q, const bf16* __restrict_
     const int G = n_heads / n_kv_heads;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int len = min(lengths[b], max_len);
-    const int per = (len + splits - 1) / splits;
-    const int j0 = split * per, j1 = min(len, j0 + per);
+    const int first = k_start ? max(0, k_start[b]) : 0;
+    const int per = (max(0, len - first) + splits - 1) / splits;
+    const int j0 = first + split * per, j1 = min(len, j0 + per);
     const float sl2 = scale * OV_LOG2E;
 
     // Each lane owns 4 consecutive dims (8-byte loads); q pre-scaled into the log2 domain.
@@ -46,10 +49,10 @@ decode_attn_split_hd128_bf16(const bf16* __restrict__ q, const bf16* __restrict_
 #pragma unroll
     for (int g = 0; g < DEC_MAXG; ++g) { m[g] = -OV_INF; l[g] = 0.f; acc[g][0] = acc[g][1] = acc[g][2] = acc[g][3] = 0.f; }
 
-    const long long head_base = ((long long)b * n_kv_heads + kvh) * max_len;
     for (int j = j0 + warp; j < j1; j += DEC_WARPS) {
-        const bf16* kp = k_cache + (head_base + j) * DEC_D + lane * 4;
-        const bf16* vp = v_cache + (head_base + j) * DEC_D + lane * 4;
+        const long long row = ((long long)b * max_len + j) * n_kv_heads + kvh;
+        const bf16* kp = k_cache + row * DEC_D + lane * 4;
+        const bf16* vp = v_cache + row * DEC_D + lane * 4;
         const bf162 k01 = reinterpret_cast<const bf162*>(kp)[0], k23 = reinterpret_cast<const bf162*>(kp)[1];
         const bf162 v01 = reinterpret_cast<const bf162*>(vp)[0], v23 = reinterpret_cast<const bf162*>(vp)[1];
         const float kf[4] = {__low2float(k01), __high2float(k01), __low2float(k23), __high2float(k23)};

@@ -9,7 +9,9 @@
 //        x'[j]      = x[j] * cos - x[j+half] * sin
 //        x'[j+half] = x[j+half] * cos + x[j] * sin          (rotate_half convention)
 //      Backward is the same rotation by -sin (sign = -1), applied to the incoming gradient.
-// Layout for apply: x[t * row_stride + h * head_dim + d], bf16; lets q and k be views into a fused
+// Layout for apply: x[t * row_stride + h * head_dim + d], bf16; tables read as table[t * table_ld + j]
+// (table_ld = half for the tables above, head_dim for full [tokens, head_dim] HF-style tables, whose
+// two halves are equal); lets q and k be views into a fused
 // qkv projection ([tokens, 3, heads, head_dim] for vision, row_stride = 3 * heads * head_dim).
 // transformers casts cos/sin to bf16 before the text multiply; we keep them fp32 (difference below
 // bf16 resolution of the output, covered by the 1e-2 tolerance).
@@ -58,14 +60,14 @@ extern "C" __global__ void vision_rope_table(const int* __restrict__ rowcol, flo
 // with half*heads_per_block <= 1024, e.g. (64, 8) for text, (40, 8) for vision. sign: +1 fwd, -1 bwd.
 extern "C" __global__ void rope_apply_bf16(bf16* __restrict__ x, const float* __restrict__ cos_t,
                                            const float* __restrict__ sin_t, int tokens, int heads, int head_dim,
-                                           long long row_stride, float sign) {
+                                           long long row_stride, int table_ld, float sign) {
     const int t = blockIdx.x;
     const int h = blockIdx.y * blockDim.y + threadIdx.y;
     const int half = head_dim / 2;
     const int j = threadIdx.x;
     if (t >= tokens || h >= heads || j >= half) return;
-    const float c = cos_t[(long long)t * half + j];
-    const float s = sign * sin_t[(long long)t * half + j];
+    const float c = cos_t[(long long)t * table_ld + j];
+    const float s = sign * sin_t[(long long)t * table_ld + j];
     bf16* p = x + (long long)t * row_stride + (long long)h * head_dim;
     const float a = bf(p[j]), b = bf(p[j + half]);
     p[j] = tobf(a * c - b * s);

@@ -6,19 +6,19 @@
 //   dup   = dout * bf16(silu(g))
 // Layouts: [rows, cols] bf16 with separate leading dimensions so gate and up can be the two halves of
 // a fused gate_up projection output ([rows, 2*cols], ld = 2*cols).
-// grid: (ceil(cols / (8*blockDim.x)), rows); block 128. Vector path when cols % 8 == 0 and aligned.
+// grid: (rows, ceil(cols / (8*blockDim.x))); block 128 (rows on x: no 65535 limit). Vector path when cols % 8 == 0 and aligned.
 
 __device__ __forceinline__ float silu_f(float g) { return g / (1.f + __expf(-g)); }
 
 extern "C" __global__ void swiglu_fwd_bf16(const bf16* __restrict__ gate, const bf16* __restrict__ up,
                                            bf16* __restrict__ out, int rows, int cols, long long ld_gate,
                                            long long ld_up, long long ld_out) {
-    const int r = blockIdx.y;
+    const int r = blockIdx.x;
     if (r >= rows) return;
     const bf16* g = gate + r * ld_gate;
     const bf16* u = up + r * ld_up;
     bf16* o = out + r * ld_out;
-    const int c0 = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    const int c0 = (blockIdx.y * blockDim.x + threadIdx.x) * 8;
     if ((cols & 7) == 0 && aligned16(g) && aligned16(u) && aligned16(o)) {
         if (c0 >= cols) return;
         float gf[8], uf[8], of[8];
@@ -36,14 +36,14 @@ extern "C" __global__ void swiglu_bwd_bf16(const bf16* __restrict__ gate, const 
                                            const bf16* __restrict__ dout, bf16* __restrict__ dgate,
                                            bf16* __restrict__ dup, int rows, int cols, long long ld_gate,
                                            long long ld_up, long long ld_dout, long long ld_dgate, long long ld_dup) {
-    const int r = blockIdx.y;
+    const int r = blockIdx.x;
     if (r >= rows) return;
     const bf16* g = gate + r * ld_gate;
     const bf16* u = up + r * ld_up;
     const bf16* d = dout + r * ld_dout;
     bf16* dg = dgate + r * ld_dgate;
     bf16* du = dup + r * ld_dup;
-    const int c0 = (blockIdx.x * blockDim.x + threadIdx.x) * 8;
+    const int c0 = (blockIdx.y * blockDim.x + threadIdx.x) * 8;
     if ((cols & 7) == 0 && aligned16(g) && aligned16(u) && aligned16(d) && aligned16(dg) && aligned16(du)) {
         if (c0 >= cols) return;
         float gf[8], uf[8], df[8], a[8], b[8];

@@ -36,6 +36,7 @@ pub const FAMILIES: &[KernelSource] = &[
     family!("adamw"),
     family!("cast"),
     family!("sampling"),
+    family!("tensor_ops"),
 ];
 
 /// The full program text NVRTC compiles for a family. `#line` keeps compiler messages pointing at the

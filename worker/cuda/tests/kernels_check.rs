@@ -29,6 +29,25 @@ const EXPECTED: &[(&str, &[&str])] = &[
     ("adamw", &["sumsq_partial_f32", "grad_norm_finalize_f32", "adamw_step_bf16"]),
     ("cast", &["cast_f32_to_bf16", "cast_bf16_to_f32", "axpy_f32"]),
     ("sampling", &["sample_tokens_f32"]),
+    (
+        "tensor_ops",
+        &[
+            "add_bf16",
+            "add_assign_bf16",
+            "add_assign_f32",
+            "scale_bf16",
+            "softmax_rows_bf16",
+            "softmax_bwd_rows_bf16",
+            "gather_rows_u16",
+            "gather_rows_u32",
+            "scatter_rows_u16",
+            "scatter_rows_u32",
+            "gather_rows_bwd_bf16",
+            "zero_rows_u16",
+            "copy2d_u16",
+            "copy2d_u32",
+        ],
+    ),
 ];
 
 /// True when the test may run; false (after printing why) when it must be skipped.
