@@ -19,3 +19,5 @@ pub use model::{KvCache, Prefill, PromptInput, Qwen25Vl, TextLayer, TextWeights,
 pub mod generate;
 pub use generate::{generate, Generation, SamplingParams};
 pub mod npy;
+pub mod train;
+pub use train::{Tape, TrainForward};

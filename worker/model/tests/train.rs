@@ -1,0 +1,83 @@
+//! Full-model backward: every parameter's gradient against a central-difference directional
+//! derivative of loss = Σ c ⊙ logits, on a tiny random model with an image and a padded batch.
+mod common;
+use common::*;
+use onevision_model::{CpuBackend, PromptInput, Qwen25Vl, Tensor};
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+fn prompts() -> Vec<PromptInput> {
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let mut ids = vec![3, 41];
+    ids.extend([40; 6]);
+    ids.extend([42, 5, 6]);
+    vec![
+        PromptInput { input_ids: ids, pixel_values: Some(Tensor::from_f32(&[24, 1176], rand_vec(&mut r, 24 * 1176)).unwrap()), image_grid_thw: vec![[1, 4, 6]] },
+        PromptInput { input_ids: vec![7, 9, 11, 13], ..Default::default() },
+    ]
+}
+
+fn loss(model: &Qwen25Vl, ps: &[PromptInput], c: &[f32]) -> f64 {
+    let f = model.forward_train(ps).unwrap();
+    f.logits.as_f32().unwrap().iter().zip(c).map(|(a, b)| *a as f64 * *b as f64).sum()
+}
+
+#[test]
+fn forward_train_matches_inference_logits() {
+    let cfg = tiny_config(false, 64);
+    let m = Qwen25Vl::from_weights(cfg.clone(), tiny_weights(&cfg, 1), Arc::new(CpuBackend)).unwrap();
+    let ps = prompts();
+    let f = m.forward_train(&ps).unwrap();
+    let (pre, _) = m.prefill(&ps, 0, true).unwrap();
+    assert_eq!(f.pad, vec![0, 7]);
+    let (a, b) = (f.logits.as_f32().unwrap(), pre.logits.as_f32().unwrap());
+    // Same kernels; prefill differs only by the KV-cache copy, so results are bitwise equal.
+    assert_eq!(a, b);
+}
+
+/// f32 central differences with eps 1e-2 along a random ±1 direction: rounding of the f64-summed
+/// loss is ~1e-5/eps = 1e-3 absolute, truncation ~1e-4 relative, while a wrong or missing
+/// gradient term is O(1) relative; hence 1e-2 relative + 5e-3 absolute.
+#[test]
+fn every_parameter_gradient_matches_finite_differences() {
+    for tie in [true, false] {
+        let cfg = tiny_config(tie, 64);
+        let w = tiny_weights(&cfg, 2);
+        let be = Arc::new(CpuBackend);
+        let m = Qwen25Vl::from_weights(cfg.clone(), w.clone(), be.clone()).unwrap();
+        let ps = prompts();
+        let f = m.forward_train(&ps).unwrap();
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let v = cfg.text.vocab_size;
+        let mut c = rand_vec(&mut r, f.logits.numel());
+        // Padding rows carry no loss (their logits are meaningless).
+        for (bi, &p) in f.pad.iter().enumerate() {
+            let t = f.logits.dim(1);
+            c[bi * t * v..(bi * t + p) * v].iter_mut().for_each(|x| *x = 0.0);
+        }
+        let grads = m.backward(&f.tape, &Tensor::from_f32(f.logits.shape(), c.clone()).unwrap()).unwrap();
+        let names: Vec<String> = cfg.expected_tensors().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(grads.keys().cloned().collect::<Vec<_>>(), { let mut n = names.clone(); n.sort(); n }, "one gradient per parameter");
+        let mut bad = Vec::new();
+        for name in &names {
+            let t = &w[name];
+            // Keep each output's change ~1e-2 whatever the fan-in: eps = 1e-2/√fan_in.
+            let fan_in = if t.rank() > 1 { t.numel() / t.dim(0) } else { t.numel() };
+            let eps = 1e-2f32 / (fan_in as f32).sqrt();
+            let dir: Vec<f32> = (0..t.numel()).map(|_| if r.random::<bool>() { 1.0 } else { -1.0 }).collect();
+            let an: f64 = grads[name].as_f32().unwrap().iter().zip(&dir).map(|(g, d)| *g as f64 * *d as f64).sum();
+            let shifted = |s: f32| {
+                let mut w2: BTreeMap<String, Tensor> = w.clone();
+                let vals = t.as_f32().unwrap().iter().zip(&dir).map(|(x, d)| x + s * d).collect();
+                w2.insert(name.clone(), Tensor::from_f32(t.shape(), vals).unwrap());
+                loss(&Qwen25Vl::from_weights(cfg.clone(), w2, be.clone()).unwrap(), &ps, &c)
+            };
+            let num = (shifted(eps) - shifted(-eps)) / (2.0 * eps as f64);
+            if (num - an).abs() > 1e-2 * an.abs() + 5e-3 {
+                bad.push(format!("tie={tie} {name}: numeric {num} vs analytic {an}"));
+            }
+        }
+        assert!(bad.is_empty(), "{bad:#?}");
+    }
+}
