@@ -89,13 +89,10 @@ impl Dataset {
                 self.report.merge(report);
                 Ok(())
             }
-            "parquet" => Err(DataError::File {
-                file: path.to_path_buf(),
-                msg: "parquet is not supported yet; convert with `datasets`: ds.to_json(\"x.jsonl\") (images become {bytes, path})".into(),
-            }),
+            "parquet" => self.add_parquet(path, opts),
             other => Err(DataError::File {
                 file: path.to_path_buf(),
-                msg: format!("unknown data file extension {other:?}; expected .jsonl, .json or .tsv"),
+                msg: format!("unknown data file extension {other:?}; expected .jsonl, .json, .parquet or .tsv"),
             }),
         }
     }
@@ -112,6 +109,36 @@ impl Dataset {
         for (i, v) in rows.iter().enumerate() {
             report.rows += 1;
             match parse_row(v, &ctx, &format!("{st}:{}", i + 1)) {
+                Ok(s) => {
+                    report.loaded += 1;
+                    let e = Entry::Ready(Box::new(s.clone()));
+                    self.push(e, &s);
+                }
+                Err(msg) => report.bad(opts.on_bad_row, DataError::Row { file: path.to_path_buf(), row: i + 1, msg })?,
+            }
+        }
+        self.report.merge(report);
+        Ok(())
+    }
+
+    /// Parquet rows (e.g. the R1-Onevision shards) through the record API: each row becomes JSON
+    /// (binary columns as base64, so an HF Image struct arrives as `{bytes, path}`) and then the same
+    /// row parser as JSON. Held in memory, like JSON arrays.
+    fn add_parquet(&mut self, path: &Path, opts: &ReadOptions) -> Result<(), DataError> {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let file_err = |msg: String| DataError::File { file: path.to_path_buf(), msg };
+        let f = File::open(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
+        let reader = SerializedFileReader::new(f).map_err(|e| file_err(format!("not a readable parquet file: {e}")))?;
+        let rows = reader.get_row_iter(None).map_err(|e| file_err(e.to_string()))?;
+        let ctx = ctx_for(path, opts);
+        let st = stem(path);
+        let mut report = LoadReport::default();
+        for (i, row) in rows.enumerate() {
+            report.rows += 1;
+            let parsed = row
+                .map_err(|e| format!("cannot decode row: {e}"))
+                .and_then(|r| parse_row(&r.to_json_value(), &ctx, &format!("{st}:{}", i + 1)));
+            match parsed {
                 Ok(s) => {
                     report.loaded += 1;
                     let e = Entry::Ready(Box::new(s.clone()));

@@ -1,4 +1,5 @@
-//! Dataset readers: LLaMA-Factory sharegpt, R1-Onevision rows, GRPO prompts, R1-Onevision-Bench TSV;
+//! Dataset readers: LLaMA-Factory sharegpt, R1-Onevision rows (JSON/JSONL/parquet), GRPO prompts,
+//! R1-Onevision-Bench TSV;
 //! deterministic shuffling, sharding, resumable positions and length-bucketed batching.
 //!
 //! Every format becomes a [`Sample`]. Bad rows either fail the load with the file and row number or,

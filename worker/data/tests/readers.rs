@@ -94,8 +94,6 @@ fn bad_rows_fail_with_file_and_row_or_are_skipped() {
     assert!(Dataset::open(&p, &lenient).unwrap_err().to_string().contains("not a JSON array"));
     let p = write(d.path(), "x.csv", "");
     assert!(Dataset::open(&p, &lenient).unwrap_err().to_string().contains("unknown data file extension"));
-    let p = write(d.path(), "x.parquet", "");
-    assert!(Dataset::open(&p, &lenient).unwrap_err().to_string().contains("parquet"));
     assert!(matches!(Dataset::open(d.path().join("nope.jsonl"), &lenient), Err(DataError::Io { .. })));
 }
 
@@ -214,4 +212,81 @@ fn open_many_and_lengths() {
     assert_eq!(ds.get(1).unwrap().answer.as_deref(), Some("2"));
     let from = Dataset::from_samples(vec![ds.get(0).unwrap()]);
     assert_eq!(from.get(0).unwrap(), ds.get(0).unwrap());
+}
+
+#[test]
+fn r1_onevision_parquet() {
+    use parquet::basic::Compression;
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use parquet::schema::parser::parse_message_type;
+    use std::sync::Arc;
+
+    // The HF layout: id, an Image struct {bytes, path}, conversations list<struct<from, value>>.
+    let schema = Arc::new(
+        parse_message_type(
+            "message schema {
+                REQUIRED BINARY id (UTF8);
+                OPTIONAL group image { OPTIONAL BINARY bytes; OPTIONAL BINARY path (UTF8); }
+                OPTIONAL group conversations (LIST) {
+                    REPEATED group list { OPTIONAL group element { OPTIONAL BINARY from (UTF8); OPTIONAL BINARY value (UTF8); } }
+                }
+            }",
+        )
+        .unwrap(),
+    );
+    let d = tempfile::tempdir().unwrap();
+    let path = d.path().join("train-00000.parquet");
+    let props = Arc::new(WriterProperties::builder().set_compression(Compression::SNAPPY).build());
+    let mut w = SerializedFileWriter::new(fs::File::create(&path).unwrap(), schema, props).unwrap();
+    let ba = |s: &[u8]| ByteArray::from(s.to_vec());
+    // (values, definition levels, repetition levels) per leaf column, in schema order.
+    let turns_rep = vec![0i16, 1, 0, 1, 0, 1];
+    let columns: Vec<(Vec<ByteArray>, Option<Vec<i16>>, Option<Vec<i16>>)> = vec![
+        (vec![ba(b"p0"), ba(b"p1"), ba(b"p2")], None, None),
+        (vec![ba(PNG), ba(PNG)], Some(vec![2, 1, 2]), None),
+        (vec![ba(b"x.png")], Some(vec![1, 2, 1]), None),
+        (
+            ["human", "gpt", "human", "gpt", "tool", "gpt"].iter().map(|s| ba(s.as_bytes())).collect(),
+            Some(vec![4; 6]),
+            Some(turns_rep.clone()),
+        ),
+        (
+            ["<image>\nWhat is shown?", "A chart.", "Q2", "A2", "Q3", "A3"].iter().map(|s| ba(s.as_bytes())).collect(),
+            Some(vec![4; 6]),
+            Some(turns_rep),
+        ),
+    ];
+    let mut rg = w.next_row_group().unwrap();
+    let mut k = 0;
+    while let Some(mut col) = rg.next_column().unwrap() {
+        let (vals, def, rep) = &columns[k];
+        col.typed::<ByteArrayType>().write_batch(vals, def.as_deref(), rep.as_deref()).unwrap();
+        col.close().unwrap();
+        k += 1;
+    }
+    rg.close().unwrap();
+    w.close().unwrap();
+
+    let e = Dataset::open(&path, &ReadOptions::default()).unwrap_err();
+    assert!(matches!(e, DataError::Row { row: 3, .. }) && e.to_string().contains("\"tool\""), "{e}");
+    let ds = Dataset::open(&path, &ReadOptions { on_bad_row: OnBadRow::Skip, ..Default::default() }).unwrap();
+    assert_eq!((ds.len(), ds.report.skipped), (2, 1));
+    let s = ds.get(0).unwrap();
+    assert_eq!(s.id, "p0");
+    assert_eq!(s.images, vec![ImageSource::Bytes(PNG.to_vec())]);
+    assert_eq!(
+        s.messages,
+        vec![
+            Message { role: "user".into(), content: "<image>\nWhat is shown?".into() },
+            Message { role: "assistant".into(), content: "A chart.".into() },
+        ]
+    );
+    let s = ds.get(1).unwrap();
+    assert_eq!(s.images, vec![ImageSource::Path(d.path().join("x.png"))]);
+    assert_eq!(s.messages[0].content, "<image>\nQ2");
+
+    let junk = write(d.path(), "junk.parquet", "not parquet");
+    assert!(Dataset::open(&junk, &ReadOptions::default()).unwrap_err().to_string().contains("not a readable parquet file"));
 }
