@@ -51,6 +51,23 @@ fn linear_backward_fd() {
     }
 }
 
+/// Decode-sized products (≤ 4 rows, large weight) take the row-split path: same results.
+#[test]
+fn thin_linear_path_matches_definition() {
+    let mut r = ChaCha8Rng::seed_from_u64(12);
+    for m in [1, 3, 4, 5] {
+        let (k, n) = (64, 1100);
+        let (x, w, b) = (rv(&mut r, m * k), rv(&mut r, n * k), rv(&mut r, n));
+        let y = kernels::linear(&x, m, k, &w, n, Some(&b));
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = b[j] + (0..k).map(|p| x[i * k + p] * w[j * k + p]).sum::<f64>();
+                assert!((y[i * n + j] - want).abs() < 1e-12, "m={m} ({i},{j})");
+            }
+        }
+    }
+}
+
 #[test]
 fn matmul_all_transposes_fd() {
     let mut r = ChaCha8Rng::seed_from_u64(2);

@@ -111,6 +111,18 @@ pub fn linear<T: Real>(x: &[T], m: usize, k: usize, w: &[T], n: usize, b: Option
             row.copy_from_slice(b);
         }
     }
+    if m <= 4 && n * k >= 1 << 16 && rayon::current_num_threads() > 1 {
+        // Decode-sized products stream W once; gemm's thin-matrix path runs on one thread, so
+        // split W's rows (output columns) across threads, each a serial gemm.
+        let cols = (n / (4 * rayon::current_num_threads())).max(64);
+        let yp = SendPtr(y.as_mut_ptr());
+        (0..n.div_ceil(cols)).into_par_iter().for_each(|c| unsafe {
+            let j0 = c * cols;
+            let nc = cols.min(n - j0);
+            gemm_raw(m, nc, k, yp.get().add(j0), n, x.as_ptr(), k, 1, w.as_ptr().add(j0 * k), 1, k, b.is_some(), false);
+        });
+        return y;
+    }
     unsafe { gemm_raw(m, n, k, y.as_mut_ptr(), n, x.as_ptr(), k, 1, w.as_ptr(), 1, k, b.is_some(), true) };
     y
 }
