@@ -147,6 +147,10 @@ pub struct Gpu {
     sm_count: u32,
     modules: Mutex<HashMap<&'static str, Module>>,
     alloc: Arc<CachingAllocator<DriverAlloc>>,
+    /// ONEVISION_CUDA_POISON=1: fill every allocation with 0xFF bytes (NaN in f32 and bf16), so a
+    /// kernel that leaves part of its output unwritten fails the parity tests instead of passing on
+    /// stale or zeroed memory.
+    poison: bool,
 }
 
 impl Gpu {
@@ -162,7 +166,8 @@ impl Gpu {
             .map_err(drv_err("cuDeviceGetAttribute"))? as u32;
         let stream = ctx.new_stream().map_err(drv_err("cuStreamCreate"))?;
         let alloc = Arc::new(CachingAllocator::new(DriverAlloc { ctx: ctx.clone() }));
-        Ok(Arc::new(Gpu { ctx, stream, arch, sm_count, modules: Mutex::new(HashMap::new()), alloc }))
+        let poison = std::env::var("ONEVISION_CUDA_POISON").map(|v| v == "1").unwrap_or(false);
+        Ok(Arc::new(Gpu { ctx, stream, arch, sm_count, modules: Mutex::new(HashMap::new()), alloc, poison }))
     }
 
     pub fn arch(&self) -> Arch {
@@ -239,7 +244,13 @@ impl Gpu {
 
     pub fn alloc(&self, bytes: usize) -> Result<DeviceMem> {
         let block = self.alloc.alloc(bytes)?;
-        Ok(DeviceMem { block, bytes, alloc: self.alloc.clone() })
+        let mem = DeviceMem { block, bytes, alloc: self.alloc.clone() };
+        if self.poison && bytes > 0 {
+            self.bind()?;
+            // SAFETY: the block holds at least `bytes` bytes.
+            unsafe { drv::memset_d8_async(mem.ptr(), 0xFF, bytes, self.stream.cu_stream()) }.map_err(drv_err("cuMemsetD8Async"))?;
+        }
+        Ok(mem)
     }
 
     pub fn alloc_zeroed(&self, bytes: usize) -> Result<DeviceMem> {

@@ -6,6 +6,8 @@
 //! on machines without CUDA; functions that need a library return a typed error saying how to get it.
 
 pub mod alloc;
+#[cfg(feature = "cuda")]
+pub mod backend;
 pub mod blas;
 pub mod check;
 pub mod compile;
@@ -18,3 +20,5 @@ pub mod toolchain;
 pub use check::{kernels_check, KernelReport, Resources};
 pub use compile::{compile_family, Arch, Compiled, Compiler, Output};
 pub use error::{CudaError, Result};
+#[cfg(feature = "cuda")]
+pub use backend::CudaBackend;
