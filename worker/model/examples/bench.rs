@@ -40,11 +40,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let t0 = Instant::now();
     let (pre, mut cache) = model.prefill(std::slice::from_ref(&prompt), new_tokens, false)?;
     let prefill_s = t0.elapsed().as_secs_f64();
-    let mut pos = pre.positions[0].next_position();
     let t1 = Instant::now();
-    for i in 0..new_tokens {
+    for (pos, i) in (pre.positions[0].next_position()..).zip(0..new_tokens) {
         model.decode_step(&[(i as u32 * 7 + 5) % 31000], &[pos], &mut cache)?;
-        pos += 1;
     }
     let decode_s = t1.elapsed().as_secs_f64();
     // Vision: one 448×448 image → 32×32 patches = 1024 patches, 256 tokens.

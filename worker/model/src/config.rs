@@ -132,8 +132,7 @@ impl Qwen25VlConfig {
         let mrope_section: Vec<usize> = rope
             .and_then(|r| r.get("mrope_section"))
             .and_then(|s| s.as_array())
-            .map(|a| a.iter().map(as_usize).collect::<Option<Vec<_>>>())
-            .flatten()
+            .and_then(|a| a.iter().map(as_usize).collect::<Option<Vec<_>>>())
             .ok_or_else(|| src.err("missing `rope_scaling.mrope_section` (or `rope_parameters.mrope_section`): Qwen2.5-VL needs M-RoPE sections".into()))?;
         let rope_theta = match rope.and_then(|r| r.get("rope_theta")).and_then(|v| v.as_f64()) {
             Some(t) => t,
@@ -196,7 +195,7 @@ impl Qwen25VlConfig {
             tokens_per_second: vsrc.f64_or("tokens_per_second", 4.0)?,
             hidden_act: vc.get("hidden_act").and_then(|v| v.as_str()).unwrap_or("silu").to_string(),
         };
-        if vision.num_heads == 0 || vision.hidden_size % vision.num_heads != 0 || vision.head_dim() % 4 != 0 {
+        if vision.num_heads == 0 || !vision.hidden_size.is_multiple_of(vision.num_heads) || !vision.head_dim().is_multiple_of(4) {
             return Err(src.err(format!("vision hidden_size {} / num_heads {} must give a head_dim divisible by 4", vision.hidden_size, vision.num_heads)));
         }
         if vision.out_hidden_size != text.hidden_size {

@@ -344,7 +344,7 @@ impl Qwen25Vl {
                     return Err(ModelError::Invalid(format!("prompt has image grids {:?} but no pixel_values", p.image_grid_thw)));
                 }
             }
-            let n = if width == 0 { 0 } else { rows.len() / width };
+            let n = rows.len().checked_div(width).unwrap_or(0);
             let px = be.to_device(&Tensor::from_f32(&[n, width], rows)?)?;
             let feats = self.vision_forward(&px, &grids)?;
             if feats.dim(0) != image_rows.len() {

@@ -43,13 +43,11 @@ fn kv_cache_decode_matches_full_prefill() {
         let l = p.input_ids.len();
         let wv = want.as_f32().unwrap();
         assert!(rel(pre.logits.as_f32().unwrap(), &wv[(l - 1) * v..l * v]) < 1e-5);
-        let mut pos = pre.positions[0].next_position();
-        for (i, &tok) in cont.iter().enumerate() {
+        for (pos, (i, &tok)) in (pre.positions[0].next_position()..).zip(cont.iter().enumerate()) {
             let got = m.decode_step(&[tok], &[pos], &mut cache).unwrap();
             let row = &wv[(l + i) * v..(l + i + 1) * v];
             let e = rel(got.as_f32().unwrap(), row);
             assert!(e < 1e-5, "tie={tie} step {i}: {e}");
-            pos += 1;
         }
     }
 }

@@ -61,7 +61,7 @@ fn row_split(op: &'static str, x: &Tensor) -> Result<(usize, usize)> {
         return shape_err(op, "scalar has no rows");
     }
     let n = x.dim(0);
-    Ok((n, if n == 0 { 0 } else { x.numel() / n }))
+    Ok((n, x.numel().checked_div(n).unwrap_or(0)))
 }
 
 fn attn_dims(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) -> Result<AttnDims> {
@@ -400,8 +400,8 @@ fn rope_dims(op: &'static str, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result
     }
     let d = x.last_dim();
     let h = x.dim(x.rank() - 2);
-    let rows = if h * d == 0 { 0 } else { x.numel() / (h * d) };
-    if d % 2 != 0 || cos.shape() != [rows, d] || sin.shape() != [rows, d] {
+    let rows = x.numel().checked_div(h * d).unwrap_or(0);
+    if !d.is_multiple_of(2) || cos.shape() != [rows, d] || sin.shape() != [rows, d] {
         return shape_err(op, format!("x {:?} needs even head_dim and cos/sin [{rows}, {d}]; got cos {:?} sin {:?}", x.shape(), cos.shape(), sin.shape()));
     }
     Ok((rows, h, d))
