@@ -549,6 +549,9 @@ impl Backend for CudaBackend {
     }
 
     fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) -> Result<Tensor> {
+        if let Some(out) = self.try_decode_attention(q, k, v, spec)? {
+            return Ok(out);
+        }
         Ok(self.attn_fwd(q, k, v, spec)?.0)
     }
 
@@ -738,6 +741,34 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
+    /// One query token per sequence over a KV cache (generation): the split-K decode kernel, which reads
+    /// each K/V row once per kv-head group. None when the shapes are not the decode case.
+    fn try_decode_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) -> Result<Option<Tensor>> {
+        let AttnMask::Causal { q_offset, key_start } = &spec.mask else { return Ok(None) };
+        if q.rank() != 4 || k.rank() != 4 || k.shape() != v.shape() || q.dim(1) != 1 || q.dim(3) != 128 || k.dim(3) != 128 || k.dim(0) != q.dim(0) {
+            return Ok(None);
+        }
+        let (b, hq, s, hkv) = (q.dim(0), q.dim(2), k.dim(1), k.dim(2));
+        if hkv == 0 || hq % hkv != 0 || hq / hkv > 8 || spec.kv_len > s || (!key_start.is_empty() && key_start.len() != b) {
+            return Ok(None);
+        }
+        let len = (q_offset + 1).min(spec.kv_len);
+        let lens = self.upload_i32(&vec![len as i32; b])?;
+        let ks = if key_start.is_empty() { None } else { Some(self.upload_i32(&key_start.iter().map(|&x| x as i32).collect::<Vec<_>>())?) };
+        let splits = len.div_ceil(512).clamp(1, 16);
+        let (qi, ki, vi) = (self.bf(q, "attention")?, self.bf(k, "attention")?, self.bf(v, "attention")?);
+        let (_po, pop) = self.empty(&[b, hq, splits, 128], DType::F32)?;
+        let (_pml, pmlp) = self.empty(&[b, hq, splits, 2], DType::F32)?;
+        let cfg = Launch { grid: (splits as u32, hkv as u32, b as u32), block: (128, 1, 1), smem: 0 };
+        let args = Args::new().ptr(qi.ptr).ptr(ki.ptr).ptr(vi.ptr).ptr(lens.ptr()).opt(ks.as_ref().map(|m| m.ptr())).ptr(pop).ptr(pmlp)
+            .i32(hq as i32).i32(hkv as i32).i32(s as i32).f32(spec.scale);
+        self.launch("decode_attention", "decode_attn_split_hd128_bf16", cfg, args)?;
+        let (out, op) = self.empty(q.shape(), DType::BF16)?;
+        let cfg = Launch { grid: (hq as u32, b as u32, 1), block: (128, 1, 1), smem: 0 };
+        self.launch("decode_attention", "decode_attn_combine_hd128_bf16", cfg, Args::new().ptr(pop).ptr(pmlp).ptr(op).i32(hq as i32).i32(splits as i32))?;
+        Ok(Some(out))
+    }
+
     fn rope_impl(&self, op: &'static str, x: &Tensor, cos: &Tensor, sin: &Tensor, sign: f32) -> Result<Tensor> {
         if x.rank() < 2 {
             return shape_err(op, format!("x must be [.., H, D], got {:?}", x.shape()));

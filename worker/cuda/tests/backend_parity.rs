@@ -119,7 +119,9 @@ fn cuda_backend_matches_cpu_oracle() {
     let cases = [
         ("vision segments hd80", [1usize, 150, 4, 80], [1usize, 150, 4, 80], AttnSpec { scale: 80f32.powf(-0.5), mask: AttnMask::Segments(vec![0, 64, 65, 131, 150]), kv_len: 150 }),
         ("text causal gqa hd128", [2, 97, 8, 128], [2, 97, 2, 128], AttnSpec { scale: 128f32.powf(-0.5), mask: AttnMask::Causal { q_offset: 0, key_start: vec![] }, kv_len: 97 }),
-        ("decode-style causal with prefix and left padding", [2, 5, 4, 128], [2, 70, 2, 128], AttnSpec { scale: 128f32.powf(-0.5), mask: AttnMask::Causal { q_offset: 60, key_start: vec![0, 7] }, kv_len: 65 }),
+        ("causal after a prefix with left padding", [2, 5, 4, 128], [2, 70, 2, 128], AttnSpec { scale: 128f32.powf(-0.5), mask: AttnMask::Causal { q_offset: 60, key_start: vec![0, 7] }, kv_len: 65 }),
+        // T = 1: the split-K decode kernel (1100 keys: 3 splits of 367), 7 query heads per kv head (7B).
+        ("decode split-K", [3, 1, 14, 128], [3, 1200, 2, 128], AttnSpec { scale: 128f32.powf(-0.5), mask: AttnMask::Causal { q_offset: 1099, key_start: vec![0, 3, 0] }, kv_len: 1100 }),
     ];
     for (name, qs, ks, spec) in cases {
         let (q, k, v) = (r.tensor(&qs, 1.0), r.tensor(&ks, 1.0), r.tensor(&ks, 1.0));
