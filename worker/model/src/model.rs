@@ -28,7 +28,7 @@ pub struct VisionBlock {
 
 #[derive(Clone, Debug)]
 pub struct VisionWeights {
-    /// Conv3d kernel flattened to a linear weight [hidden, C·Tp·P·P].
+    /// Conv3d kernel [hidden, C, Tp, P, P] (used as a linear weight [hidden, C·Tp·P·P]).
     pub patch_w: Tensor,
     pub blocks: Vec<VisionBlock>,
     pub ln_q: Tensor,
@@ -128,7 +128,7 @@ impl Qwen25Vl {
         }
         let be = backend.as_ref();
         let vc = &config.vision;
-        let patch_w = take(&mut w, "visual.patch_embed.proj.weight", be)?.reshape(&[vc.hidden_size, vc.patch_dim()])?;
+        let patch_w = take(&mut w, "visual.patch_embed.proj.weight", be)?;
         let mut blocks = Vec::with_capacity(vc.depth);
         for i in 0..vc.depth {
             let p = format!("visual.blocks.{i}");
@@ -186,6 +186,129 @@ impl Qwen25Vl {
         Ok(Qwen25Vl { config, vision, text, backend })
     }
 
+    /// The patch-embedding Conv3d kernel viewed as a linear weight [hidden, C·Tp·P·P].
+    pub fn patch_matrix(&self) -> Result<Tensor> {
+        let vc = &self.config.vision;
+        self.vision.patch_w.reshape(&[vc.hidden_size, vc.patch_dim()])
+    }
+
+    /// Every parameter under its official name (same order and shapes as
+    /// `Qwen25VlConfig::expected_tensors`), for saving and for optimizers.
+    pub fn named_weights(&self) -> Vec<(String, &Tensor)> {
+        let mut out: Vec<(String, &Tensor)> = Vec::new();
+        let v = &self.vision;
+        out.push(("visual.patch_embed.proj.weight".into(), &v.patch_w));
+        for (i, b) in v.blocks.iter().enumerate() {
+            let p = format!("visual.blocks.{i}");
+            for (n, t) in [
+                ("norm1.weight", &b.norm1), ("norm2.weight", &b.norm2),
+                ("attn.qkv.weight", &b.qkv_w), ("attn.qkv.bias", &b.qkv_b),
+                ("attn.proj.weight", &b.proj_w), ("attn.proj.bias", &b.proj_b),
+                ("mlp.gate_proj.weight", &b.gate_w), ("mlp.gate_proj.bias", &b.gate_b),
+                ("mlp.up_proj.weight", &b.up_w), ("mlp.up_proj.bias", &b.up_b),
+                ("mlp.down_proj.weight", &b.down_w), ("mlp.down_proj.bias", &b.down_b),
+            ] {
+                out.push((format!("{p}.{n}"), t));
+            }
+        }
+        for (n, t) in [("ln_q.weight", &v.ln_q), ("mlp.0.weight", &v.mlp0_w), ("mlp.0.bias", &v.mlp0_b), ("mlp.2.weight", &v.mlp2_w), ("mlp.2.bias", &v.mlp2_b)] {
+            out.push((format!("visual.merger.{n}"), t));
+        }
+        out.push(("model.embed_tokens.weight".into(), &self.text.embed));
+        for (i, l) in self.text.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            for (n, t) in [
+                ("input_layernorm.weight", &l.input_norm), ("post_attention_layernorm.weight", &l.post_norm),
+                ("self_attn.q_proj.weight", &l.q_w), ("self_attn.q_proj.bias", &l.q_b),
+                ("self_attn.k_proj.weight", &l.k_w), ("self_attn.k_proj.bias", &l.k_b),
+                ("self_attn.v_proj.weight", &l.v_w), ("self_attn.v_proj.bias", &l.v_b),
+                ("self_attn.o_proj.weight", &l.o_w),
+                ("mlp.gate_proj.weight", &l.gate_w), ("mlp.up_proj.weight", &l.up_w), ("mlp.down_proj.weight", &l.down_w),
+            ] {
+                out.push((format!("{p}.{n}"), t));
+            }
+        }
+        out.push(("model.norm.weight".into(), &self.text.norm));
+        if let Some(h) = &self.text.lm_head {
+            out.push(("lm_head.weight".into(), h));
+        }
+        out
+    }
+
+    /// Replace parameter `name` (official name) with `value` of the same shape, e.g. after an
+    /// optimizer step. The value is moved to this model's backend.
+    pub fn set_weight(&mut self, name: &str, value: &Tensor) -> Result<()> {
+        let expected = self.config.expected_tensors().into_iter().find(|(n, _)| n == name).map(|(_, s)| s);
+        let expected = expected.ok_or_else(|| ModelError::Invalid(format!("`{name}` is not a parameter of this model")))?;
+        if value.shape() != expected.as_slice() {
+            return Err(ModelError::TensorShape { name: name.into(), dir: "<set_weight>".into(), expected, found: value.shape().to_vec() });
+        }
+        let value = self.backend.to_device(value)?;
+        let slot: &mut Tensor = if name == "visual.patch_embed.proj.weight" {
+            &mut self.vision.patch_w
+        } else if name == "model.embed_tokens.weight" {
+            &mut self.text.embed
+        } else if name == "model.norm.weight" {
+            &mut self.text.norm
+        } else if name == "lm_head.weight" {
+            self.text.lm_head.as_mut().ok_or_else(|| ModelError::Invalid("tied model has no lm_head".into()))?
+        } else if let Some(rest) = name.strip_prefix("visual.merger.") {
+            let v = &mut self.vision;
+            match rest {
+                "ln_q.weight" => &mut v.ln_q,
+                "mlp.0.weight" => &mut v.mlp0_w,
+                "mlp.0.bias" => &mut v.mlp0_b,
+                "mlp.2.weight" => &mut v.mlp2_w,
+                _ => &mut v.mlp2_b,
+            }
+        } else if let Some(rest) = name.strip_prefix("visual.blocks.") {
+            let (i, n) = rest.split_once('.').ok_or_else(|| ModelError::Invalid(format!("bad name `{name}`")))?;
+            let b = &mut self.vision.blocks[i.parse::<usize>().map_err(|_| ModelError::Invalid(format!("bad name `{name}`")))?];
+            match n {
+                "norm1.weight" => &mut b.norm1,
+                "norm2.weight" => &mut b.norm2,
+                "attn.qkv.weight" => &mut b.qkv_w,
+                "attn.qkv.bias" => &mut b.qkv_b,
+                "attn.proj.weight" => &mut b.proj_w,
+                "attn.proj.bias" => &mut b.proj_b,
+                "mlp.gate_proj.weight" => &mut b.gate_w,
+                "mlp.gate_proj.bias" => &mut b.gate_b,
+                "mlp.up_proj.weight" => &mut b.up_w,
+                "mlp.up_proj.bias" => &mut b.up_b,
+                "mlp.down_proj.weight" => &mut b.down_w,
+                _ => &mut b.down_b,
+            }
+        } else {
+            let rest = name.strip_prefix("model.layers.").ok_or_else(|| ModelError::Invalid(format!("bad name `{name}`")))?;
+            let (i, n) = rest.split_once('.').ok_or_else(|| ModelError::Invalid(format!("bad name `{name}`")))?;
+            let l = &mut self.text.layers[i.parse::<usize>().map_err(|_| ModelError::Invalid(format!("bad name `{name}`")))?];
+            match n {
+                "input_layernorm.weight" => &mut l.input_norm,
+                "post_attention_layernorm.weight" => &mut l.post_norm,
+                "self_attn.q_proj.weight" => &mut l.q_w,
+                "self_attn.q_proj.bias" => &mut l.q_b,
+                "self_attn.k_proj.weight" => &mut l.k_w,
+                "self_attn.k_proj.bias" => &mut l.k_b,
+                "self_attn.v_proj.weight" => &mut l.v_w,
+                "self_attn.v_proj.bias" => &mut l.v_b,
+                "self_attn.o_proj.weight" => &mut l.o_w,
+                "mlp.gate_proj.weight" => &mut l.gate_w,
+                "mlp.up_proj.weight" => &mut l.up_w,
+                _ => &mut l.down_w,
+            }
+        };
+        *slot = value;
+        Ok(())
+    }
+
+    /// Write all parameters (host copies, official names) to one safetensors file that
+    /// transformers' `from_pretrained` reads; copy config/tokenizer files alongside.
+    pub fn save_weights(&self, path: impl AsRef<Path>) -> Result<()> {
+        let host = self.named_weights().into_iter().map(|(n, t)| Ok((n, self.backend.to_host(t)?))).collect::<Result<Vec<_>>>()?;
+        let refs: Vec<(String, &Tensor)> = host.iter().map(|(n, t)| (n.clone(), t)).collect();
+        crate::loader::save_safetensors(path, &refs)
+    }
+
     pub fn backend(&self) -> &dyn Backend {
         self.backend.as_ref()
     }
@@ -226,7 +349,7 @@ impl Qwen25Vl {
         let cos = be.gather_rows(&be.to_device(&Tensor::from_f32(&[n, hd], cos)?)?, &layout.patch_index)?;
         let sin = be.gather_rows(&be.to_device(&Tensor::from_f32(&[n, hd], sin)?)?, &layout.patch_index)?;
         let px = be.to_device(&be.cast(pixel_values, DType::F32)?)?;
-        let x = be.linear(&px, &self.vision.patch_w, None)?;
+        let x = be.linear(&px, &self.patch_matrix()?, None)?;
         let mut x = be.gather_rows(&x, &layout.patch_index)?;
         let (hs, nh) = (vc.hidden_size, vc.num_heads);
         let eps = 1e-6f32;

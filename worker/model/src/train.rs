@@ -96,7 +96,7 @@ impl Qwen25Vl {
         let cos = be.gather_rows(&be.to_device(&Tensor::from_f32(&[n, hd], cos)?)?, &layout.patch_index)?;
         let sin = be.gather_rows(&be.to_device(&Tensor::from_f32(&[n, hd], sin)?)?, &layout.patch_index)?;
         let px = be.to_device(&be.cast(px, DType::F32)?)?;
-        let mut x = be.gather_rows(&be.linear(&px, &self.vision.patch_w, None)?, &layout.patch_index)?;
+        let mut x = be.gather_rows(&be.linear(&px, &self.patch_matrix()?, None)?, &layout.patch_index)?;
         let (hs, nh) = (vc.hidden_size, vc.num_heads);
         let mut blocks = Vec::with_capacity(vc.depth);
         for (i, b) in self.vision.blocks.iter().enumerate() {
@@ -329,7 +329,7 @@ impl Qwen25Vl {
         }
         // Window permutation of patch rows: its gradient is the inverse gather.
         let d_patch = be.gather_rows_backward(&dx, &vt.layout.patch_index, n)?;
-        let pe = be.linear_backward(&d_patch, &vt.px, &vw.patch_w, false)?;
+        let pe = be.linear_backward(&d_patch, &vt.px, &self.patch_matrix()?, false)?;
         let shape = [vc.hidden_size, vc.in_channels, vc.temporal_patch_size, vc.patch_size, vc.patch_size];
         acc(be, grads, "visual.patch_embed.proj.weight".into(), pe.dw.reshape(&shape)?)?;
         Ok(())

@@ -134,3 +134,32 @@ fn bad_inputs_are_errors_not_panics() {
     assert!(m.prefill(&[], 0, false).is_err());
     assert!(generate(&m, std::slice::from_ref(&near), &SamplingParams { top_p: 0.0, ..Default::default() }).is_err());
 }
+
+/// named_weights follows expected_tensors; set_weight changes exactly that parameter;
+/// save_weights + load round-trips.
+#[test]
+fn named_weights_set_weight_and_save_roundtrip() {
+    let mut m = model(false, 64);
+    let names: Vec<(String, Vec<usize>)> = m.named_weights().into_iter().map(|(n, t)| (n, t.shape().to_vec())).collect();
+    assert_eq!(names, m.config.expected_tensors());
+    let p = PromptInput { input_ids: vec![1, 2, 3], ..Default::default() };
+    let before = m.forward_logits(&p).unwrap();
+    for (name, shape) in m.config.expected_tensors() {
+        let t = m.named_weights().into_iter().find(|(n, _)| *n == name).unwrap().1.clone();
+        m.set_weight(&name, &t).unwrap();
+        assert!(m.set_weight(&name, &Tensor::zeros(&[shape.iter().product::<usize>() + 1])).is_err());
+    }
+    assert_eq!(m.forward_logits(&p).unwrap().as_f32().unwrap(), before.as_f32().unwrap());
+    m.set_weight("model.norm.weight", &Tensor::zeros(&[32])).unwrap();
+    // A zero final norm makes every logit exactly 0.
+    assert!(m.forward_logits(&p).unwrap().as_f32().unwrap().iter().all(|&x| x == 0.0));
+    assert!(m.set_weight("model.layers.9.mlp.up_proj.weight", &Tensor::zeros(&[48, 32])).is_err());
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), tiny_config_json(false, 64)).unwrap();
+    m.save_weights(dir.path().join("model.safetensors")).unwrap();
+    let back = Qwen25Vl::load(dir.path(), Arc::new(CpuBackend), onevision_model::DType::F32).unwrap();
+    for ((n1, a), (n2, b)) in m.named_weights().iter().zip(back.named_weights().iter()) {
+        assert_eq!(n1, n2);
+        assert_eq!(a.as_f32().unwrap(), b.as_f32().unwrap(), "{n1}");
+    }
+}
