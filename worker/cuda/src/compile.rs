@@ -85,6 +85,54 @@ pub fn ptx_entries(ptx: &str) -> Vec<String> {
         .collect()
 }
 
+/// The type class of one kernel parameter as PTX declares it: what the host must pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamKind {
+    /// .u32/.s32/.b32: int.
+    Word32,
+    /// .u64/.s64/.b64: pointers, long long, unsigned long long.
+    Word64,
+    /// .f32: float.
+    Float32,
+}
+
+/// Parameter lists of every `.entry` in PTX, in declaration order. Used to check each launch's
+/// arguments against the compiled kernel, so a host/kernel signature mismatch is a typed error at the
+/// first launch instead of silent memory corruption.
+pub fn ptx_signatures(ptx: &str) -> Vec<(String, Vec<ParamKind>)> {
+    let mut out: Vec<(String, Vec<ParamKind>)> = Vec::new();
+    let mut current: Option<(String, Vec<ParamKind>)> = None;
+    for line in ptx.lines() {
+        let l = line.trim();
+        if let Some(name) = ptx_entries(l).into_iter().next() {
+            if let Some(c) = current.take() {
+                out.push(c);
+            }
+            current = Some((name, Vec::new()));
+            continue;
+        }
+        if let Some((_, params)) = current.as_mut() {
+            if let Some(rest) = l.strip_prefix(".param ") {
+                let ty = rest.split_whitespace().next().unwrap_or("");
+                let kind = match ty {
+                    ".u32" | ".s32" | ".b32" => ParamKind::Word32,
+                    ".f32" => ParamKind::Float32,
+                    _ => ParamKind::Word64,
+                };
+                params.push(kind);
+            } else if l.starts_with(')') {
+                if let Some(c) = current.take() {
+                    out.push(c);
+                }
+            }
+        }
+    }
+    if let Some(c) = current.take() {
+        out.push(c);
+    }
+    out
+}
+
 fn options(arch: Arch, output: Output) -> Vec<String> {
     let target = match output {
         Output::Ptx => arch.compute(),
@@ -256,6 +304,15 @@ mod tests {
     fn finds_ptx_entries() {
         let ptx = ".version 8.7\n.visible .entry foo_bf16(\n\t.param .u64 a\n)\n.func helper()\n.visible .entry bar(\n";
         assert_eq!(ptx_entries(ptx), vec!["foo_bf16".to_string(), "bar".to_string()]);
+    }
+
+    #[test]
+    fn parses_ptx_signatures() {
+        let ptx = ".visible .entry k1(\n\t.param .u64 k1_param_0,\n\t.param .u32 k1_param_1,\n\t.param .f32 k1_param_2\n)\n{\n\t.reg .pred %p<2>;\n}\n.visible .entry k2(\n\t.param .u64 .ptr .align 1 k2_param_0\n)\n{\n}\n";
+        let sigs = ptx_signatures(ptx);
+        assert_eq!(sigs.len(), 2);
+        assert_eq!(sigs[0], ("k1".to_string(), vec![ParamKind::Word64, ParamKind::Word32, ParamKind::Float32]));
+        assert_eq!(sigs[1], ("k2".to_string(), vec![ParamKind::Word64]));
     }
 
     #[test]

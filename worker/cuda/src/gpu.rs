@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{result as drv, sys, CudaContext, CudaStream, DriverError};
 
 use crate::alloc::{AllocStats, Block, CachingAllocator, RawAlloc};
-use crate::compile::{compile_family, Arch, Output};
+use crate::compile::{compile_family, ptx_signatures, Arch, Output, ParamKind};
 use crate::error::{CudaError, Result};
 use crate::sources;
 
@@ -82,14 +82,19 @@ impl std::fmt::Debug for DeviceMem {
 #[derive(Default)]
 pub struct Args {
     slots: Vec<u64>,
+    kinds: Vec<ParamKind>,
 }
 
 impl Args {
     pub fn new() -> Self {
-        Args { slots: Vec::with_capacity(24) }
+        Args { slots: Vec::with_capacity(24), kinds: Vec::with_capacity(24) }
+    }
+    pub fn kinds(&self) -> &[ParamKind] {
+        &self.kinds
     }
     pub fn ptr(mut self, p: u64) -> Self {
         self.slots.push(p);
+        self.kinds.push(ParamKind::Word64);
         self
     }
     /// A null pointer for optional kernel inputs.
@@ -101,18 +106,22 @@ impl Args {
     }
     pub fn i32(mut self, v: i32) -> Self {
         self.slots.push(v as u32 as u64);
+        self.kinds.push(ParamKind::Word32);
         self
     }
     pub fn i64(mut self, v: i64) -> Self {
         self.slots.push(v as u64);
+        self.kinds.push(ParamKind::Word64);
         self
     }
     pub fn u64(mut self, v: u64) -> Self {
         self.slots.push(v);
+        self.kinds.push(ParamKind::Word64);
         self
     }
     pub fn f32(mut self, v: f32) -> Self {
         self.slots.push(v.to_bits() as u64);
+        self.kinds.push(ParamKind::Float32);
         self
     }
 }
@@ -120,6 +129,8 @@ impl Args {
 struct Module {
     raw: sys::CUmodule,
     functions: HashMap<String, sys::CUfunction>,
+    /// Parameter kinds per kernel, from the family's PTX (checked on every launch).
+    signatures: HashMap<String, Vec<ParamKind>>,
 }
 
 // SAFETY: CUmodule/CUfunction are opaque driver handles, valid from any thread once the owning
@@ -202,10 +213,13 @@ impl Gpu {
             let src = sources::family(family)
                 .ok_or_else(|| CudaError::Invalid(format!("unknown kernel family `{family}`")))?;
             let compiled = compile_family(src, self.arch, Output::Cubin)?;
+            let ptx = compile_family(src, self.arch, Output::Ptx)?;
+            let signatures = ptx_signatures(&String::from_utf8_lossy(&ptx.bytes)).into_iter().collect();
+            // cuModuleLoadData needs a NUL-terminated image only for PTX; a CUBIN is an ELF with its size.
             // SAFETY: a complete CUBIN image for this device's architecture; the driver copies it.
             let raw = unsafe { drv::module::load_data(compiled.bytes.as_ptr() as *const c_void) }
                 .map_err(drv_err("cuModuleLoadData"))?;
-            modules.insert(family, Module { raw, functions: HashMap::new() });
+            modules.insert(family, Module { raw, functions: HashMap::new(), signatures });
         }
         let module = modules
             .get_mut(family)
@@ -231,9 +245,25 @@ impl Gpu {
         Ok(f)
     }
 
-    /// Launches `family::name` on the compute stream.
+    /// The parameter kinds of `family::name` (after the family is loaded).
+    pub fn signature(&self, family: &'static str, name: &str) -> Option<Vec<ParamKind>> {
+        let modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        modules.get(family).and_then(|m| m.signatures.get(name).cloned())
+    }
+
+    /// Launches `family::name` on the compute stream, after checking the arguments against the kernel's
+    /// PTX signature (count and 32/64-bit/float class of each).
     pub fn launch(&self, family: &'static str, name: &str, cfg: Launch, args: Args) -> Result<()> {
         let f = self.function(family, name, cfg.smem)?;
+        match self.signature(family, name) {
+            Some(want) if want.as_slice() == args.kinds() => {}
+            want => {
+                return Err(CudaError::Invalid(format!(
+                    "kernel {family}::{name} takes {want:?} but the host passes {:?}",
+                    args.kinds()
+                )))
+            }
+        }
         let mut slots = args.slots;
         let mut params: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
         // SAFETY: parameters match the kernel's extern "C" signature (each call site mirrors the .cu
