@@ -100,6 +100,14 @@ pub struct Qwen25Vl {
     backend: Arc<dyn Backend>,
 }
 
+/// Host F32 copy of pixel values that may live on the host (any dtype) or on the device.
+pub(crate) fn host_f32(be: &dyn Backend, t: &Tensor) -> Result<Tensor> {
+    match t.device() {
+        crate::tensor::Device::Cpu => t.to_dtype(DType::F32),
+        _ => be.to_host(&be.cast(t, DType::F32)?),
+    }
+}
+
 fn take(map: &mut BTreeMap<String, Tensor>, name: &str, backend: &dyn Backend) -> Result<Tensor> {
     let t = map.remove(name).ok_or_else(|| ModelError::MissingTensor { name: name.into(), dir: "<weights map>".into(), expected: vec![] })?;
     backend.to_device(&t)
@@ -348,7 +356,7 @@ impl Qwen25Vl {
         let hd = vc.head_dim();
         let cos = be.gather_rows(&be.to_device(&Tensor::from_f32(&[n, hd], cos)?)?, &layout.patch_index)?;
         let sin = be.gather_rows(&be.to_device(&Tensor::from_f32(&[n, hd], sin)?)?, &layout.patch_index)?;
-        let px = be.to_device(&be.cast(pixel_values, DType::F32)?)?;
+        let px = be.to_device(&host_f32(be, pixel_values)?)?;
         let x = be.linear(&px, &self.patch_matrix()?, None)?;
         let mut x = be.gather_rows(&x, &layout.patch_index)?;
         let (hs, nh) = (vc.hidden_size, vc.num_heads);
@@ -462,7 +470,7 @@ impl Qwen25Vl {
             for p in prompts {
                 if let Some(px) = &p.pixel_values {
                     width = px.last_dim();
-                    rows.extend(be.to_host(&be.cast(px, DType::F32)?)?.as_f32()?.iter().copied());
+                    rows.extend(host_f32(be, px)?.as_f32()?.iter().copied());
                 } else if !p.image_grid_thw.is_empty() {
                     return Err(ModelError::Invalid(format!("prompt has image grids {:?} but no pixel_values", p.image_grid_thw)));
                 }

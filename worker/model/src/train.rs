@@ -3,9 +3,9 @@
 //! Activations are kept per layer; backward recomputes attention probabilities.
 use crate::backend::{AttnMask, AttnSpec, Backend};
 use crate::error::{ModelError, Result};
-use crate::model::{PromptInput, Qwen25Vl};
+use crate::model::{host_f32, PromptInput, Qwen25Vl};
 use crate::rope::{mrope_tables, rope_index, vision_rope_tables, RopeIndexIds};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::Tensor;
 use crate::vision::{window_layout, WindowLayout};
 use std::collections::BTreeMap;
 
@@ -95,7 +95,7 @@ impl Qwen25Vl {
         let (cos, sin) = vision_rope_tables(grids, hd, m);
         let cos = be.gather_rows(&be.to_device(&Tensor::from_f32(&[n, hd], cos)?)?, &layout.patch_index)?;
         let sin = be.gather_rows(&be.to_device(&Tensor::from_f32(&[n, hd], sin)?)?, &layout.patch_index)?;
-        let px = be.to_device(&be.cast(px, DType::F32)?)?;
+        let px = be.to_device(&host_f32(be, px)?)?;
         let mut x = be.gather_rows(&be.linear(&px, &self.patch_matrix()?, None)?, &layout.patch_index)?;
         let (hs, nh) = (vc.hidden_size, vc.num_heads);
         let mut blocks = Vec::with_capacity(vc.depth);
@@ -174,7 +174,7 @@ impl Qwen25Vl {
                 match &p.pixel_values {
                     Some(px) => {
                         width = px.last_dim();
-                        rows.extend(be.to_host(&be.cast(px, DType::F32)?)?.as_f32()?.iter().copied());
+                        rows.extend(host_f32(be, px)?.as_f32()?.iter().copied());
                     }
                     None if !p.image_grid_thw.is_empty() => return Err(ModelError::Invalid(format!("prompt has image grids {:?} but no pixel_values", p.image_grid_thw))),
                     None => {}
