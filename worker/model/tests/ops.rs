@@ -363,3 +363,22 @@ fn backend_attention_and_shape_errors() {
     assert!(be.rms_norm(&Tensor::zeros(&[2, 3]), &Tensor::zeros(&[4]), 1e-6).is_err());
     assert!(be.rope(&Tensor::zeros(&[2, 1, 4]), &Tensor::zeros(&[3, 4]), &Tensor::zeros(&[3, 4])).is_err());
 }
+
+/// BF16 weights are upcast block-wise inside `linear`: same result as an F32 copy of the
+/// weight (only gemm blocking differs: ≤ 1e-5 relative for k = 300).
+#[test]
+fn bf16_weight_linear_matches_f32() {
+    let be = CpuBackend;
+    let mut r = ChaCha8Rng::seed_from_u64(13);
+    for (m, k, n) in [(1, 300, 70), (37, 300, 1100)] {
+        let x = Tensor::from_f32(&[m, k], rand_vec(&mut r, m * k)).unwrap();
+        let w = Tensor::from_f32(&[n, k], rand_vec(&mut r, n * k)).unwrap().to_dtype(onevision_model::DType::BF16).unwrap();
+        let b = Tensor::from_f32(&[n], rand_vec(&mut r, n)).unwrap();
+        let got = be.linear(&x, &w, Some(&b)).unwrap();
+        let want = be.linear(&x, &w.to_dtype(onevision_model::DType::F32).unwrap(), Some(&b)).unwrap();
+        let scale = want.as_f32().unwrap().iter().fold(0f32, |a, v| a.max(v.abs()));
+        for (a, c) in got.as_f32().unwrap().iter().zip(want.as_f32().unwrap()) {
+            assert!((a - c).abs() <= 1e-5 * scale, "m={m}: {a} vs {c}");
+        }
+    }
+}

@@ -45,7 +45,7 @@ impl Real for f64 {
 
 /// Raw pointer that may cross rayon tasks; every use writes a disjoint region.
 #[derive(Clone, Copy)]
-pub(crate) struct SendPtr<T>(pub *mut T);
+pub struct SendPtr<T>(pub *mut T);
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 impl<T> SendPtr<T> {

@@ -137,6 +137,9 @@ impl Backend for CpuBackend {
             Some(b) => Some(weights("linear", b)?),
             None => None,
         };
+        if let HostData::BF16(wb) = w.host()? {
+            return Tensor::from_f32(&with_last(x.shape(), n), linear_bf16(xs, x.rows(), k, wb, n, bv.as_deref()));
+        }
         let wv = weights("linear", w)?;
         Tensor::from_f32(&with_last(x.shape(), n), kernels::linear(xs, x.rows(), k, &wv, n, bv.as_deref()))
     }
@@ -392,6 +395,28 @@ impl Backend for CpuBackend {
         }
         Tensor::from_f32(&with_last(first.shape(), d), v)
     }
+}
+
+/// x·Wᵀ with BF16 weights: W is upcast one block of output rows at a time inside each task,
+/// so a 7B MLP weight never exists as a full f32 copy and the conversion runs in parallel.
+fn linear_bf16(x: &[f32], m: usize, k: usize, w: &[half::bf16], n: usize, b: Option<&[f32]>) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
+    if let Some(b) = b {
+        for row in y.chunks_mut(n.max(1)) {
+            row.copy_from_slice(b);
+        }
+    }
+    // ~1 MiB of f32 weights per block keeps the block in L2 while gemm streams x.
+    let rows = (262_144 / k.max(1)).clamp(16, n.max(16));
+    let yp = kernels::SendPtr(y.as_mut_ptr());
+    (0..n.div_ceil(rows)).into_par_iter().for_each(|c| {
+        let j0 = c * rows;
+        let nc = rows.min(n - j0);
+        let wf: Vec<f32> = w[j0 * k..(j0 + nc) * k].iter().map(|v| v.to_f32()).collect();
+        // SAFETY: each task writes only output columns j0..j0+nc of every row.
+        unsafe { kernels::gemm_raw(m, nc, k, yp.get().add(j0), n, x.as_ptr(), k, 1, wf.as_ptr(), 1, k, b.is_some(), false) };
+    });
+    y
 }
 
 fn rope_dims(op: &'static str, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(usize, usize, usize)> {
