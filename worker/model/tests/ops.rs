@@ -222,6 +222,15 @@ fn attention_cases() -> Vec<(AttnDims, AttnSpec)> {
             AttnDims { b: 2, t: 2, s: 9, hq: 4, hkv: 1, d: 4 },
             AttnSpec { scale: 0.7, mask: AttnMask::Causal { q_offset: 5, key_start: vec![2, 0] }, kv_len: 7 },
         ),
+        // Segments and causal rows longer than one 64-query chunk (small heads for FD speed).
+        (
+            AttnDims { b: 1, t: 75, s: 75, hq: 2, hkv: 1, d: 2 },
+            AttnSpec { scale: 0.5, mask: AttnMask::Segments(vec![0, 70, 75]), kv_len: 75 },
+        ),
+        (
+            AttnDims { b: 1, t: 70, s: 72, hq: 2, hkv: 1, d: 2 },
+            AttnSpec { scale: 0.5, mask: AttnMask::Causal { q_offset: 0, key_start: vec![1] }, kv_len: 70 },
+        ),
         // Vision: variable-length non-causal segments, one empty.
         (
             AttnDims { b: 1, t: 10, s: 10, hq: 2, hkv: 2, d: 4 },
@@ -241,8 +250,8 @@ fn attention_matches_naive_and_backward_fd() {
         let want = naive_attention(&q, &k, &v, dm, &spec);
         let err = y.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
         assert!(err < 1e-12, "{spec:?}: forward err {err}");
-        // Finite differences on a smaller copy of the first case keep the test fast.
-        if dm.t > 20 {
+        // The first (largest) case is checked forward-only to keep the test fast.
+        if q.len() > 1000 {
             continue;
         }
         let dy = rv(&mut r, q.len());

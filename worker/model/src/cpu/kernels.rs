@@ -382,10 +382,27 @@ struct Block {
     causal_shift: Option<usize>,
 }
 
-/// Query-chunk size for causal prefill: keys past the chunk's last query are skipped entirely.
+/// Query-chunk size: bounds the score buffer to Q_CHUNK × keys (large vision segments), and in
+/// causal blocks keys past the chunk's last query are skipped entirely.
 const Q_CHUNK: usize = 64;
 
-fn blocks(dims: &AttnDims, spec: &AttnSpec, chunk_causal: bool) -> Vec<Block> {
+fn query_chunks(blk: Block) -> Vec<Block> {
+    let mut out = Vec::with_capacity((blk.q1 - blk.q0).div_ceil(Q_CHUNK));
+    let mut q0 = blk.q0;
+    while q0 < blk.q1 {
+        let q1 = (q0 + Q_CHUNK).min(blk.q1);
+        let k1 = match blk.causal_shift {
+            Some(s) => blk.k1.min(s + q1),
+            None => blk.k1,
+        };
+        out.push(Block { q0, q1, k0: blk.k0.min(k1), k1, ..blk });
+        q0 = q1;
+    }
+    out
+}
+
+/// Independent attention problems: one per segment, or one per batch row (causal).
+fn blocks(dims: &AttnDims, spec: &AttnSpec) -> Vec<Block> {
     let mut out = Vec::new();
     match &spec.mask {
         AttnMask::Segments(cu) => {
@@ -398,13 +415,9 @@ fn blocks(dims: &AttnDims, spec: &AttnSpec, chunk_causal: bool) -> Vec<Block> {
         AttnMask::Causal { q_offset, key_start } => {
             for bb in 0..dims.b {
                 let ks = key_start.get(bb).copied().unwrap_or(0);
-                let step = if chunk_causal { Q_CHUNK } else { dims.t.max(1) };
-                let mut q0 = 0;
-                while q0 < dims.t {
-                    let q1 = (q0 + step).min(dims.t);
-                    let k1 = (q_offset + q1).min(spec.kv_len);
-                    out.push(Block { bb, q0, q1, k0: ks.min(k1), k1, causal_shift: Some(*q_offset) });
-                    q0 = q1;
+                if dims.t > 0 {
+                    let k1 = (q_offset + dims.t).min(spec.kv_len);
+                    out.push(Block { bb, q0: 0, q1: dims.t, k0: ks.min(k1), k1, causal_shift: Some(*q_offset) });
                 }
             }
         }
@@ -439,7 +452,7 @@ pub fn attention<T: Real>(q: &[T], k: &[T], v: &[T], dims: AttnDims, spec: &Attn
     let d = dims.d;
     let mut out = vec![T::ZERO; dims.b * dims.t * dims.hq * d];
     let op = SendPtr(out.as_mut_ptr());
-    let blks = blocks(&dims, spec, true);
+    let blks: Vec<Block> = blocks(&dims, spec).into_iter().flat_map(query_chunks).collect();
     let scale = T::from_f64(spec.scale as f64);
     let tasks: Vec<(usize, usize)> = (0..blks.len()).flat_map(|bi| (0..dims.hq).map(move |h| (bi, h))).collect();
     tasks.par_iter().for_each(|&(bi, h)| unsafe {
@@ -454,45 +467,47 @@ pub fn attention<T: Real>(q: &[T], k: &[T], v: &[T], dims: AttnDims, spec: &Attn
     out
 }
 
-/// (dq, dk, dv). Tasks own one (block-without-chunking, kv head) so dk/dv writes never race.
+/// (dq, dk, dv). Each task owns one (segment or batch row, kv head) and walks its query chunks
+/// serially, so dk/dv writes never race and score buffers stay Q_CHUNK × keys.
 pub fn attention_backward<T: Real>(dout: &[T], q: &[T], k: &[T], v: &[T], dims: AttnDims, spec: &AttnSpec) -> (Vec<T>, Vec<T>, Vec<T>) {
     let d = dims.d;
     let mut dq = vec![T::ZERO; q.len()];
     let mut dk = vec![T::ZERO; k.len()];
     let mut dv = vec![T::ZERO; v.len()];
     let (dqp, dkp, dvp) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
-    let blks = blocks(&dims, spec, false);
+    let blks = blocks(&dims, spec);
     let scale = T::from_f64(spec.scale as f64);
     let group = dims.hq / dims.hkv;
     let tasks: Vec<(usize, usize)> = (0..blks.len()).flat_map(|bi| (0..dims.hkv).map(move |g| (bi, g))).collect();
     tasks.par_iter().for_each(|&(bi, kvh)| unsafe {
-        let blk = &blks[bi];
-        let (nq, nk) = (blk.q1 - blk.q0, blk.k1 - blk.k0);
         let qrs = dims.hq * d;
         let krs = dims.hkv * d;
-        let koff = ((blk.bb * dims.s + blk.k0) * dims.hkv + kvh) * d;
-        for h in kvh * group..(kvh + 1) * group {
-            let p = probs(q.as_ptr(), k.as_ptr(), &dims, blk, h, scale);
-            let qoff = ((blk.bb * dims.t + blk.q0) * dims.hq + h) * d;
-            // dP = dO·Vᵀ
-            let mut ds = vec![T::ZERO; nq * nk];
-            gemm_raw(nq, nk, d, ds.as_mut_ptr(), nk, dout.as_ptr().add(qoff), qrs, 1, v.as_ptr().add(koff), 1, krs, false, false);
-            // dS = P ⊙ (dP − Σ_j P dP) · scale
-            for i in 0..nq {
-                let pr = &p[i * nk..(i + 1) * nk];
-                let dr = &mut ds[i * nk..(i + 1) * nk];
-                let mut dot = T::ZERO;
-                for j in 0..nk {
-                    dot += pr[j] * dr[j];
+        for blk in query_chunks(blks[bi]) {
+            let (nq, nk) = (blk.q1 - blk.q0, blk.k1 - blk.k0);
+            let koff = ((blk.bb * dims.s + blk.k0) * dims.hkv + kvh) * d;
+            for h in kvh * group..(kvh + 1) * group {
+                let p = probs(q.as_ptr(), k.as_ptr(), &dims, &blk, h, scale);
+                let qoff = ((blk.bb * dims.t + blk.q0) * dims.hq + h) * d;
+                // dP = dO·Vᵀ
+                let mut ds = vec![T::ZERO; nq * nk];
+                gemm_raw(nq, nk, d, ds.as_mut_ptr(), nk, dout.as_ptr().add(qoff), qrs, 1, v.as_ptr().add(koff), 1, krs, false, false);
+                // dS = P ⊙ (dP − Σ_j P dP) · scale
+                for i in 0..nq {
+                    let pr = &p[i * nk..(i + 1) * nk];
+                    let dr = &mut ds[i * nk..(i + 1) * nk];
+                    let mut dot = T::ZERO;
+                    for j in 0..nk {
+                        dot += pr[j] * dr[j];
+                    }
+                    for j in 0..nk {
+                        dr[j] = pr[j] * (dr[j] - dot) * scale;
+                    }
                 }
-                for j in 0..nk {
-                    dr[j] = pr[j] * (dr[j] - dot) * scale;
-                }
+                // dQ = dS·K ; dK += dSᵀ·Q ; dV += Pᵀ·dO
+                gemm_raw(nq, d, nk, dqp.get().add(qoff), qrs, ds.as_ptr(), nk, 1, k.as_ptr().add(koff), krs, 1, false, false);
+                gemm_raw(nk, d, nq, dkp.get().add(koff), krs, ds.as_ptr(), 1, nk, q.as_ptr().add(qoff), qrs, 1, true, false);
+                gemm_raw(nk, d, nq, dvp.get().add(koff), krs, p.as_ptr(), 1, nk, dout.as_ptr().add(qoff), qrs, 1, true, false);
             }
-            // dQ = dS·K ; dK += dSᵀ·Q ; dV += Pᵀ·dO
-            gemm_raw(nq, d, nk, dqp.get().add(qoff), qrs, ds.as_ptr(), nk, 1, k.as_ptr().add(koff), krs, 1, false, false);
-            gemm_raw(nk, d, nq, dkp.get().add(koff), krs, ds.as_ptr(), 1, nk, q.as_ptr().add(qoff), qrs, 1, true, false);
-            gemm_raw(nk, d, nq, dvp.get().add(koff), krs, p.as_ptr(), 1, nk, dout.as_ptr().add(qoff), qrs, 1, true, false);
         }
     });
     (dq, dk, dv)
