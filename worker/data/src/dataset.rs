@@ -18,7 +18,12 @@ struct JsonlFile {
 enum Entry {
     Ready(Box<Sample>),
     /// A validated JSONL line, re-read on access.
-    Line { file: Arc<JsonlFile>, offset: u64, len: usize, row: usize },
+    Line {
+        file: Arc<JsonlFile>,
+        offset: u64,
+        len: usize,
+        row: usize,
+    },
 }
 
 /// Samples from one or more files. JSONL rows are validated at open and re-read on access; JSON
@@ -32,7 +37,9 @@ pub struct Dataset {
 }
 
 fn stem(path: &Path) -> String {
-    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn ctx_for(path: &Path, opts: &ReadOptions) -> RowCtx {
@@ -40,7 +47,11 @@ fn ctx_for(path: &Path, opts: &ReadOptions) -> RowCtx {
         .image_root
         .clone()
         .unwrap_or_else(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
-    RowCtx { image_root, check_image_files: opts.check_image_files, format: opts.format }
+    RowCtx {
+        image_root,
+        check_image_files: opts.check_image_files,
+        format: opts.format,
+    }
 }
 
 impl Dataset {
@@ -61,12 +72,22 @@ impl Dataset {
     }
 
     pub fn from_samples(samples: Vec<Sample>) -> Self {
-        let sizes = samples.iter().map(|s| (s.text_chars(), s.images.len())).collect();
+        let sizes = samples
+            .iter()
+            .map(|s| (s.text_chars(), s.images.len()))
+            .collect();
         let n = samples.len();
         Self {
-            entries: samples.into_iter().map(|s| Entry::Ready(Box::new(s))).collect(),
+            entries: samples
+                .into_iter()
+                .map(|s| Entry::Ready(Box::new(s)))
+                .collect(),
             sizes,
-            report: LoadReport { rows: n, loaded: n, ..Default::default() },
+            report: LoadReport {
+                rows: n,
+                loaded: n,
+                ..Default::default()
+            },
         }
     }
 
@@ -76,7 +97,11 @@ impl Dataset {
     }
 
     fn add_file(&mut self, path: &Path, opts: &ReadOptions) -> Result<(), DataError> {
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
         match ext.as_str() {
             "jsonl" => self.add_jsonl(path, opts),
             "json" => self.add_json(path, opts),
@@ -98,11 +123,15 @@ impl Dataset {
     }
 
     fn add_json(&mut self, path: &Path, opts: &ReadOptions) -> Result<(), DataError> {
-        let text = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
-        let rows: Vec<serde_json::Value> = serde_json::from_slice(&text).map_err(|e| DataError::File {
-            file: path.to_path_buf(),
-            msg: format!("not a JSON array of rows: {e} (use .jsonl for one row per line)"),
+        let text = std::fs::read(path).map_err(|source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
         })?;
+        let rows: Vec<serde_json::Value> =
+            serde_json::from_slice(&text).map_err(|e| DataError::File {
+                file: path.to_path_buf(),
+                msg: format!("not a JSON array of rows: {e} (use .jsonl for one row per line)"),
+            })?;
         let ctx = ctx_for(path, opts);
         let st = stem(path);
         let mut report = LoadReport::default();
@@ -114,7 +143,14 @@ impl Dataset {
                     let e = Entry::Ready(Box::new(s.clone()));
                     self.push(e, &s);
                 }
-                Err(msg) => report.bad(opts.on_bad_row, DataError::Row { file: path.to_path_buf(), row: i + 1, msg })?,
+                Err(msg) => report.bad(
+                    opts.on_bad_row,
+                    DataError::Row {
+                        file: path.to_path_buf(),
+                        row: i + 1,
+                        msg,
+                    },
+                )?,
             }
         }
         self.report.merge(report);
@@ -126,10 +162,19 @@ impl Dataset {
     /// row parser as JSON. Held in memory, like JSON arrays.
     fn add_parquet(&mut self, path: &Path, opts: &ReadOptions) -> Result<(), DataError> {
         use parquet::file::reader::{FileReader, SerializedFileReader};
-        let file_err = |msg: String| DataError::File { file: path.to_path_buf(), msg };
-        let f = File::open(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
-        let reader = SerializedFileReader::new(f).map_err(|e| file_err(format!("not a readable parquet file: {e}")))?;
-        let rows = reader.get_row_iter(None).map_err(|e| file_err(e.to_string()))?;
+        let file_err = |msg: String| DataError::File {
+            file: path.to_path_buf(),
+            msg,
+        };
+        let f = File::open(path).map_err(|source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let reader = SerializedFileReader::new(f)
+            .map_err(|e| file_err(format!("not a readable parquet file: {e}")))?;
+        let rows = reader
+            .get_row_iter(None)
+            .map_err(|e| file_err(e.to_string()))?;
         let ctx = ctx_for(path, opts);
         let st = stem(path);
         let mut report = LoadReport::default();
@@ -144,7 +189,14 @@ impl Dataset {
                     let e = Entry::Ready(Box::new(s.clone()));
                     self.push(e, &s);
                 }
-                Err(msg) => report.bad(opts.on_bad_row, DataError::Row { file: path.to_path_buf(), row: i + 1, msg })?,
+                Err(msg) => report.bad(
+                    opts.on_bad_row,
+                    DataError::Row {
+                        file: path.to_path_buf(),
+                        row: i + 1,
+                        msg,
+                    },
+                )?,
             }
         }
         self.report.merge(report);
@@ -152,9 +204,16 @@ impl Dataset {
     }
 
     fn add_jsonl(&mut self, path: &Path, opts: &ReadOptions) -> Result<(), DataError> {
-        let io = |source| DataError::Io { path: path.to_path_buf(), source };
+        let io = |source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let mut r = BufReader::new(File::open(path).map_err(io)?);
-        let file = Arc::new(JsonlFile { path: path.to_path_buf(), ctx: ctx_for(path, opts), stem: stem(path) });
+        let file = Arc::new(JsonlFile {
+            path: path.to_path_buf(),
+            ctx: ctx_for(path, opts),
+            stem: stem(path),
+        });
         let mut report = LoadReport::default();
         let mut offset = 0u64;
         let mut buf = Vec::new();
@@ -175,7 +234,15 @@ impl Dataset {
             match parse_line(&buf, &file, row) {
                 Ok(s) => {
                     report.loaded += 1;
-                    self.push(Entry::Line { file: file.clone(), offset: start, len: n, row }, &s);
+                    self.push(
+                        Entry::Line {
+                            file: file.clone(),
+                            offset: start,
+                            len: n,
+                            row,
+                        },
+                        &s,
+                    );
                 }
                 Err(e) => report.bad(opts.on_bad_row, e)?,
             }
@@ -195,18 +262,31 @@ impl Dataset {
     /// Sample `index`. JSONL rows are re-read; an error here means the file changed since opening.
     pub fn get(&self, index: usize) -> Result<Sample, DataError> {
         match self.entries.get(index) {
-            None => Err(DataError::Index { index, len: self.entries.len() }),
+            None => Err(DataError::Index {
+                index,
+                len: self.entries.len(),
+            }),
             Some(Entry::Ready(s)) => Ok((**s).clone()),
-            Some(Entry::Line { file, offset, len, row }) => {
-                let io = |source| DataError::Io { path: file.path.clone(), source };
+            Some(Entry::Line {
+                file,
+                offset,
+                len,
+                row,
+            }) => {
+                let io = |source| DataError::Io {
+                    path: file.path.clone(),
+                    source,
+                };
                 let mut f = File::open(&file.path).map_err(io)?;
                 f.seek(SeekFrom::Start(*offset)).map_err(io)?;
                 let mut buf = vec![0u8; *len];
                 f.read_exact(&mut buf).map_err(io)?;
                 parse_line(&buf, file, *row).map_err(|e| match e {
-                    DataError::Row { file, row, msg } => {
-                        DataError::Row { file, row, msg: format!("{msg} (the file changed after it was opened?)") }
-                    }
+                    DataError::Row { file, row, msg } => DataError::Row {
+                        file,
+                        row,
+                        msg: format!("{msg} (the file changed after it was opened?)"),
+                    },
                     other => other,
                 })
             }
@@ -221,8 +301,15 @@ impl Dataset {
     /// A length estimate per sample for [`crate::Batching::ByTokens`]: characters /
     /// `chars_per_token` plus `tokens_per_image` per image.
     pub fn estimated_lengths(&self, chars_per_token: f64, tokens_per_image: usize) -> Vec<usize> {
-        let cpt = if chars_per_token > 0.0 { chars_per_token } else { 1.0 };
-        self.sizes.iter().map(|(c, i)| (*c as f64 / cpt).ceil() as usize + i * tokens_per_image).collect()
+        let cpt = if chars_per_token > 0.0 {
+            chars_per_token
+        } else {
+            1.0
+        };
+        self.sizes
+            .iter()
+            .map(|(c, i)| (*c as f64 / cpt).ceil() as usize + i * tokens_per_image)
+            .collect()
     }
 
     /// Whether a bad-row policy skipped anything.
@@ -232,7 +319,12 @@ impl Dataset {
 }
 
 fn parse_line(buf: &[u8], file: &JsonlFile, row: usize) -> Result<Sample, DataError> {
-    let err = |msg: String| DataError::Row { file: file.path.clone(), row, msg };
-    let v: serde_json::Value = serde_json::from_slice(buf).map_err(|e| err(format!("invalid JSON: {e}")))?;
+    let err = |msg: String| DataError::Row {
+        file: file.path.clone(),
+        row,
+        msg,
+    };
+    let v: serde_json::Value =
+        serde_json::from_slice(buf).map_err(|e| err(format!("invalid JSON: {e}")))?;
     parse_row(&v, &file.ctx, &format!("{}:{row}", file.stem)).map_err(err)
 }

@@ -15,7 +15,7 @@ pub mod sampler;
 pub use bench::read_bench_tsv;
 pub use dataset::Dataset;
 pub use rows::{parse_row, RowFormat};
-pub use sampler::{epoch_batches, epoch_order, Batching, BatchCursor, Position, ShardConfig};
+pub use sampler::{epoch_batches, epoch_order, BatchCursor, Batching, Position, ShardConfig};
 
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -57,10 +57,16 @@ pub const R1_EVAL_PROMPT: &str =
 impl Sample {
     /// Characters of all message contents: a cheap length proxy for bucketing before tokenisation.
     pub fn text_chars(&self) -> usize {
-        self.messages.iter().map(|m| m.content.chars().count()).sum()
+        self.messages
+            .iter()
+            .map(|m| m.content.chars().count())
+            .sum()
     }
     pub fn placeholder_count(&self) -> usize {
-        self.messages.iter().map(|m| m.content.matches(IMAGE_PLACEHOLDER).count()).sum()
+        self.messages
+            .iter()
+            .map(|m| m.content.matches(IMAGE_PLACEHOLDER).count())
+            .sum()
     }
 }
 
@@ -92,9 +98,16 @@ pub struct ReadOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{file}: row {row}: {msg}")]
-    Row { file: PathBuf, row: usize, msg: String },
+    Row {
+        file: PathBuf,
+        row: usize,
+        msg: String,
+    },
     #[error("{file}: {msg}")]
     File { file: PathBuf, msg: String },
     #[error("sample index {index} out of range (dataset has {len})")]

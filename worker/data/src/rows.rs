@@ -55,7 +55,9 @@ fn is_image_magic(b: &[u8]) -> bool {
 
 /// Decode base64 image data (whitespace and missing padding tolerated).
 pub fn decode_base64(s: &str) -> Option<Vec<u8>> {
-    let s = s.strip_prefix("data:").map_or(s, |rest| rest.split_once(',').map_or(rest, |(_, d)| d));
+    let s = s
+        .strip_prefix("data:")
+        .map_or(s, |rest| rest.split_once(',').map_or(rest, |(_, d)| d));
     let clean: String = s.chars().filter(|c| !c.is_whitespace()).collect();
     BASE64.decode(clean).ok()
 }
@@ -64,7 +66,9 @@ pub fn decode_base64(s: &str) -> Option<Vec<u8>> {
 /// (Base64 JPEG starts with "/9j/", so "contains a slash" cannot tell paths from data.)
 fn image_from_str(s: &str, ctx: &RowCtx) -> Result<ImageSource, String> {
     if s.starts_with("data:") {
-        return decode_base64(s).map(ImageSource::Bytes).ok_or_else(|| "image data: URL is not valid base64".into());
+        return decode_base64(s)
+            .map(ImageSource::Bytes)
+            .ok_or_else(|| "image data: URL is not valid base64".into());
     }
     if s.len() >= 16 {
         if let Some(b) = decode_base64(s).filter(|b| is_image_magic(b)) {
@@ -75,7 +79,11 @@ fn image_from_str(s: &str, ctx: &RowCtx) -> Result<ImageSource, String> {
         return Err("empty image path".into());
     }
     let p = Path::new(s);
-    let full = if p.is_absolute() { p.to_path_buf() } else { ctx.image_root.join(p) };
+    let full = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        ctx.image_root.join(p)
+    };
     if ctx.check_image_files && !full.is_file() {
         return Err(format!("image file not found: {}", full.display()));
     }
@@ -95,18 +103,30 @@ fn image_from_value(v: &Value, ctx: &RowCtx) -> Result<Option<ImageSource>, Stri
                         .ok_or_else(|| "image.bytes is not valid base64".into())
                 }
                 Some(Value::Array(a)) => {
-                    let bytes: Option<Vec<u8>> = a.iter().map(|x| x.as_u64().and_then(|n| u8::try_from(n).ok())).collect();
-                    return bytes.map(|b| Some(ImageSource::Bytes(b))).ok_or_else(|| "image.bytes has non-byte values".into());
+                    let bytes: Option<Vec<u8>> = a
+                        .iter()
+                        .map(|x| x.as_u64().and_then(|n| u8::try_from(n).ok()))
+                        .collect();
+                    return bytes
+                        .map(|b| Some(ImageSource::Bytes(b)))
+                        .ok_or_else(|| "image.bytes has non-byte values".into());
                 }
                 Some(Value::Null) | None => {}
-                Some(other) => return Err(format!("image.bytes must be base64 or a byte array, got {other}")),
+                Some(other) => {
+                    return Err(format!(
+                        "image.bytes must be base64 or a byte array, got {other}"
+                    ))
+                }
             }
             match o.get("path") {
                 Some(Value::String(s)) => image_from_str(s, ctx).map(Some),
                 _ => Err("image object has neither bytes nor path".into()),
             }
         }
-        other => Err(format!("image must be a string or {{bytes, path}}, got {}", type_name(other))),
+        other => Err(format!(
+            "image must be a string or {{bytes, path}}, got {}",
+            type_name(other)
+        )),
     }
 }
 
@@ -145,22 +165,41 @@ fn map_role(r: &str) -> Result<&'static str, String> {
         "system" => Ok("system"),
         "user" | "human" => Ok("user"),
         "assistant" | "gpt" => Ok("assistant"),
-        other => Err(format!("unsupported role {other:?} (expected system, user/human or assistant/gpt)")),
+        other => Err(format!(
+            "unsupported role {other:?} (expected system, user/human or assistant/gpt)"
+        )),
     }
 }
 
-fn turns(list: &Value, role_key: &str, content_key: &str, field: &str) -> Result<Vec<Message>, String> {
-    let arr = list.as_array().ok_or_else(|| format!("`{field}` must be an array"))?;
+fn turns(
+    list: &Value,
+    role_key: &str,
+    content_key: &str,
+    field: &str,
+) -> Result<Vec<Message>, String> {
+    let arr = list
+        .as_array()
+        .ok_or_else(|| format!("`{field}` must be an array"))?;
     if arr.is_empty() {
         return Err(format!("`{field}` is empty"));
     }
     arr.iter()
         .enumerate()
         .map(|(k, t)| {
-            let role = t.get(role_key).and_then(Value::as_str).ok_or_else(|| format!("{field}[{k}] has no string `{role_key}`"))?;
-            let content =
-                t.get(content_key).and_then(Value::as_str).ok_or_else(|| format!("{field}[{k}] has no string `{content_key}`"))?;
-            Ok(Message { role: map_role(role).map_err(|e| format!("{field}[{k}]: {e}"))?.into(), content: content.into() })
+            let role = t
+                .get(role_key)
+                .and_then(Value::as_str)
+                .ok_or_else(|| format!("{field}[{k}] has no string `{role_key}`"))?;
+            let content = t
+                .get(content_key)
+                .and_then(Value::as_str)
+                .ok_or_else(|| format!("{field}[{k}] has no string `{content_key}`"))?;
+            Ok(Message {
+                role: map_role(role)
+                    .map_err(|e| format!("{field}[{k}]: {e}"))?
+                    .into(),
+                content: content.into(),
+            })
         })
         .collect()
 }
@@ -180,7 +219,9 @@ const ANSWER_KEYS: &[&str] = &["solution", "answer", "ground_truth"];
 
 /// Convert one JSON row. `default_id` is used when the row has no `id`.
 pub fn parse_row(v: &Value, ctx: &RowCtx, default_id: &str) -> Result<Sample, String> {
-    let o = v.as_object().ok_or_else(|| format!("row must be a JSON object, got {}", type_name(v)))?;
+    let o = v
+        .as_object()
+        .ok_or_else(|| format!("row must be a JSON object, got {}", type_name(v)))?;
     let format = match ctx.format {
         RowFormat::Auto if o.contains_key("messages") => RowFormat::Sharegpt,
         RowFormat::Auto if o.contains_key("conversations") => RowFormat::R1Onevision,
@@ -194,31 +235,63 @@ pub fn parse_row(v: &Value, ctx: &RowCtx, default_id: &str) -> Result<Sample, St
     let (mut messages, lenient, used): (Vec<Message>, bool, Vec<&str>) = match format {
         RowFormat::Sharegpt => {
             let m = o.get("messages").ok_or("missing `messages`")?;
-            (turns(m, "role", "content", "messages")?, false, vec!["messages"])
+            (
+                turns(m, "role", "content", "messages")?,
+                false,
+                vec!["messages"],
+            )
         }
         RowFormat::R1Onevision => {
             let c = o.get("conversations").ok_or("missing `conversations`")?;
-            (turns(c, "from", "value", "conversations")?, true, vec!["conversations"])
+            (
+                turns(c, "from", "value", "conversations")?,
+                true,
+                vec!["conversations"],
+            )
         }
         RowFormat::Grpo => {
-            let (k, q) = string_field(o, QUESTION_KEYS).ok_or("missing question (problem/question/prompt)")?;
-            (vec![Message { role: "user".into(), content: q }], true, vec![k])
+            let (k, q) = string_field(o, QUESTION_KEYS)
+                .ok_or("missing question (problem/question/prompt)")?;
+            (
+                vec![Message {
+                    role: "user".into(),
+                    content: q,
+                }],
+                true,
+                vec![k],
+            )
         }
         RowFormat::Auto => unreachable!("resolved above"),
     };
     if let Some(Value::String(sys)) = o.get("system") {
         if messages.first().is_none_or(|m| m.role != "system") {
-            messages.insert(0, Message { role: "system".into(), content: sys.clone() });
+            messages.insert(
+                0,
+                Message {
+                    role: "system".into(),
+                    content: sys.clone(),
+                },
+            );
         }
     }
     if !messages.iter().any(|m| m.role == "user") {
         return Err("no user turn".into());
     }
-    let placeholders: usize = messages.iter().map(|m| m.content.matches(IMAGE_PLACEHOLDER).count()).sum();
+    let placeholders: usize = messages
+        .iter()
+        .map(|m| m.content.matches(IMAGE_PLACEHOLDER).count())
+        .sum();
     if placeholders != images.len() {
         if lenient && placeholders == 0 {
-            let first_user = messages.iter_mut().find(|m| m.role == "user").expect("checked above");
-            first_user.content = format!("{}{}", IMAGE_PLACEHOLDER.repeat(images.len()) + "\n", first_user.content);
+            let first_user = messages
+                .iter_mut()
+                .find(|m| m.role == "user")
+                .expect("checked above");
+            first_user.content = format!(
+                "{}{}",
+                IMAGE_PLACEHOLDER.repeat(images.len()) + "\n",
+                first_user.content
+            );
         } else {
             return Err(format!(
                 "{} `<image>` placeholder(s) but {} image(s); they must match one to one",
@@ -243,5 +316,11 @@ pub fn parse_row(v: &Value, ctx: &RowCtx, default_id: &str) -> Result<Sample, St
         }
     }
     images.shrink_to_fit();
-    Ok(Sample { id, messages, images, answer: answer.map(|(_, a)| a), meta: Value::Object(meta) })
+    Ok(Sample {
+        id,
+        messages,
+        images,
+        answer: answer.map(|(_, a)| a),
+        meta: Value::Object(meta),
+    })
 }

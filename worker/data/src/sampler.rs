@@ -25,7 +25,12 @@ pub struct ShardConfig {
 
 impl Default for ShardConfig {
     fn default() -> Self {
-        Self { seed: 0, shuffle: true, rank: 0, world_size: 1 }
+        Self {
+            seed: 0,
+            shuffle: true,
+            rank: 0,
+            world_size: 1,
+        }
     }
 }
 
@@ -78,7 +83,10 @@ fn order_for(n: usize, epoch: u64, cfg: &ShardConfig, rank: usize) -> Vec<usize>
     // differ each epoch when shuffling).
     let per_rank = n / cfg.world_size;
     perm.truncate(per_rank * cfg.world_size);
-    perm.into_iter().skip(rank).step_by(cfg.world_size).collect()
+    perm.into_iter()
+        .skip(rank)
+        .step_by(cfg.world_size)
+        .collect()
 }
 
 /// This rank's sample indices for `epoch`: a seeded permutation of 0..n, cut to a multiple of the
@@ -124,7 +132,10 @@ pub fn epoch_batches(
 ) -> Result<Vec<Vec<usize>>, DataError> {
     cfg.validate()?;
     match *batching {
-        Batching::Fixed { batch_size, drop_last } => {
+        Batching::Fixed {
+            batch_size,
+            drop_last,
+        } => {
             if batch_size == 0 {
                 return Err(DataError::Config("batch_size must be ≥ 1".into()));
             }
@@ -136,12 +147,19 @@ pub fn epoch_batches(
             Ok(b)
         }
         Batching::ByTokens { max_tokens, window } => {
-            let lengths = lengths.ok_or_else(|| DataError::Config("token batching needs per-sample lengths".into()))?;
+            let lengths = lengths.ok_or_else(|| {
+                DataError::Config("token batching needs per-sample lengths".into())
+            })?;
             if lengths.len() != n {
-                return Err(DataError::Config(format!("{} lengths for {n} samples", lengths.len())));
+                return Err(DataError::Config(format!(
+                    "{} lengths for {n} samples",
+                    lengths.len()
+                )));
             }
             if max_tokens == 0 || window == 0 {
-                return Err(DataError::Config("max_tokens and window must be ≥ 1".into()));
+                return Err(DataError::Config(
+                    "max_tokens and window must be ≥ 1".into(),
+                ));
             }
             let mut mine = Vec::new();
             let mut min_count = usize::MAX;
@@ -182,7 +200,14 @@ impl BatchCursor {
     ) -> Result<Self, DataError> {
         // Validate once up front so next_batch only fails for an empty plan.
         epoch_batches(n, lengths.as_deref(), start.epoch, &cfg, &batching)?;
-        Ok(Self { n, lengths, cfg, batching, pos: start, cache: None })
+        Ok(Self {
+            n,
+            lengths,
+            cfg,
+            batching,
+            pos: start,
+            cache: None,
+        })
     }
 
     /// Position of the next batch (save this in checkpoints).
@@ -193,8 +218,18 @@ impl BatchCursor {
     /// The next batch of sample indices and the position it came from; rolls over epochs.
     pub fn next_batch(&mut self) -> Result<(Position, Vec<usize>), DataError> {
         for _ in 0..2 {
-            if self.cache.as_ref().is_none_or(|(e, _)| *e != self.pos.epoch) {
-                let b = epoch_batches(self.n, self.lengths.as_deref(), self.pos.epoch, &self.cfg, &self.batching)?;
+            if self
+                .cache
+                .as_ref()
+                .is_none_or(|(e, _)| *e != self.pos.epoch)
+            {
+                let b = epoch_batches(
+                    self.n,
+                    self.lengths.as_deref(),
+                    self.pos.epoch,
+                    &self.cfg,
+                    &self.batching,
+                )?;
                 self.cache = Some((self.pos.epoch, b));
             }
             let (_, batches) = self.cache.as_ref().expect("filled above");
@@ -206,7 +241,10 @@ impl BatchCursor {
             if batches.is_empty() {
                 break;
             }
-            self.pos = Position { epoch: self.pos.epoch + 1, index: 0 };
+            self.pos = Position {
+                epoch: self.pos.epoch + 1,
+                index: 0,
+            };
         }
         Err(DataError::Config(format!(
             "no batches: {} samples for world size {} with {:?}",

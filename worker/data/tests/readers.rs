@@ -29,22 +29,46 @@ fn sharegpt_jsonl_messages_and_images() {
         r#"{"id": 17, "system": "be brief", "messages": [{"role": "user", "content": "no image"}, {"role": "assistant", "content": "ok"}], "source": "synthetic"}"#,
     ];
     let p = write(d.path(), "sft.jsonl", &rows.join("\n"));
-    let opts = ReadOptions { check_image_files: true, ..Default::default() };
+    let opts = ReadOptions {
+        check_image_files: true,
+        ..Default::default()
+    };
     let ds = Dataset::open(&p, &opts).unwrap();
     assert_eq!(ds.len(), 2);
-    assert_eq!((ds.report.rows, ds.report.loaded, ds.report.skipped), (2, 2, 0));
+    assert_eq!(
+        (ds.report.rows, ds.report.loaded, ds.report.skipped),
+        (2, 2, 0)
+    );
     let s = ds.get(0).unwrap();
     assert_eq!(s.id, "sft:1");
-    assert_eq!(s.images, vec![ImageSource::Path(d.path().join("imgs/a.png")), ImageSource::Path(d.path().join("imgs/b.png"))]);
+    assert_eq!(
+        s.images,
+        vec![
+            ImageSource::Path(d.path().join("imgs/a.png")),
+            ImageSource::Path(d.path().join("imgs/b.png"))
+        ]
+    );
     assert_eq!(s.messages[1].role, "assistant");
     assert_eq!(s.placeholder_count(), 2);
     let s = ds.get(1).unwrap();
     assert_eq!(s.id, "17");
-    assert_eq!(s.messages[0], Message { role: "system".into(), content: "be brief".into() });
+    assert_eq!(
+        s.messages[0],
+        Message {
+            role: "system".into(),
+            content: "be brief".into()
+        }
+    );
     assert_eq!(s.meta, serde_json::json!({"source": "synthetic"}));
     assert!(s.images.is_empty());
-    assert!(matches!(ds.get(2), Err(DataError::Index { index: 2, len: 2 })));
-    assert_eq!(ds.size_hint(1), Some(("be brief".len() + "no image".len() + 2, 0)));
+    assert!(matches!(
+        ds.get(2),
+        Err(DataError::Index { index: 2, len: 2 })
+    ));
+    assert_eq!(
+        ds.size_hint(1),
+        Some(("be brief".len() + "no image".len() + 2, 0))
+    );
 
     // Same rows as a JSON array.
     let arr = format!("[{}, {}]", rows[0], rows[2]);
@@ -67,34 +91,64 @@ fn bad_rows_fail_with_file_and_row_or_are_skipped() {
     ];
     fs::write(d.path().join("a.png"), PNG).unwrap();
     let p = write(d.path(), "bad.jsonl", &rows.join("\n"));
-    let strict = ReadOptions { check_image_files: true, ..Default::default() };
+    let strict = ReadOptions {
+        check_image_files: true,
+        ..Default::default()
+    };
     let e = Dataset::open(&p, &strict).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, DataError::Row { row: 2, .. }), "{msg}");
-    assert!(msg.contains("bad.jsonl") && msg.contains("row 2") && msg.contains("2 `<image>` placeholder(s) but 1 image(s)"), "{msg}");
+    assert!(
+        msg.contains("bad.jsonl")
+            && msg.contains("row 2")
+            && msg.contains("2 `<image>` placeholder(s) but 1 image(s)"),
+        "{msg}"
+    );
 
-    let lenient = ReadOptions { on_bad_row: OnBadRow::Skip, check_image_files: true, ..Default::default() };
+    let lenient = ReadOptions {
+        on_bad_row: OnBadRow::Skip,
+        check_image_files: true,
+        ..Default::default()
+    };
     let ds = Dataset::open(&p, &lenient).unwrap();
     assert_eq!(ds.len(), 1);
     assert_eq!((ds.report.rows, ds.report.skipped), (7, 6));
-    let rows_failed: Vec<usize> = ds.report.errors.iter().map(|e| match e {
-        DataError::Row { row, .. } => *row,
-        other => panic!("{other}"),
-    }).collect();
+    let rows_failed: Vec<usize> = ds
+        .report
+        .errors
+        .iter()
+        .map(|e| match e {
+            DataError::Row { row, .. } => *row,
+            other => panic!("{other}"),
+        })
+        .collect();
     assert_eq!(rows_failed, vec![2, 3, 4, 5, 6, 7]);
     let texts: Vec<String> = ds.report.errors.iter().map(|e| e.to_string()).collect();
     assert!(texts[1].contains("invalid JSON"), "{}", texts[1]);
-    assert!(texts[2].contains("unsupported role \"tool\""), "{}", texts[2]);
+    assert!(
+        texts[2].contains("unsupported role \"tool\""),
+        "{}",
+        texts[2]
+    );
     assert!(texts[3].contains("image file not found"), "{}", texts[3]);
     assert!(texts[4].contains("JSON object"), "{}", texts[4]);
     assert!(texts[5].contains("no user turn"), "{}", texts[5]);
 
     // A JSON file that is not an array, and unknown extensions / parquet.
     let p = write(d.path(), "x.json", "{\"a\": 1}");
-    assert!(Dataset::open(&p, &lenient).unwrap_err().to_string().contains("not a JSON array"));
+    assert!(Dataset::open(&p, &lenient)
+        .unwrap_err()
+        .to_string()
+        .contains("not a JSON array"));
     let p = write(d.path(), "x.csv", "");
-    assert!(Dataset::open(&p, &lenient).unwrap_err().to_string().contains("unknown data file extension"));
-    assert!(matches!(Dataset::open(d.path().join("nope.jsonl"), &lenient), Err(DataError::Io { .. })));
+    assert!(Dataset::open(&p, &lenient)
+        .unwrap_err()
+        .to_string()
+        .contains("unknown data file extension"));
+    assert!(matches!(
+        Dataset::open(d.path().join("nope.jsonl"), &lenient),
+        Err(DataError::Io { .. })
+    ));
 }
 
 #[test]
@@ -122,7 +176,14 @@ fn r1_onevision_rows() {
         r#"{"id": "r1-5", "image": null, "conversations": [{"from": "human", "value": "text only"}, {"from": "gpt", "value": "a"}]}"#.to_string(),
     ];
     let p = write(d.path(), "r1.jsonl", &rows.join("\n"));
-    let ds = Dataset::open(&p, &ReadOptions { check_image_files: true, ..Default::default() }).unwrap();
+    let ds = Dataset::open(
+        &p,
+        &ReadOptions {
+            check_image_files: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(ds.len(), 6);
     let s0 = ds.get(0).unwrap();
     assert_eq!(s0.images, vec![ImageSource::Bytes(JPEG.to_vec())]);
@@ -131,14 +192,29 @@ fn r1_onevision_rows() {
     let s1 = ds.get(1).unwrap();
     assert_eq!(s1.images, vec![ImageSource::Path(d.path().join("pic.jpg"))]);
     assert_eq!(s1.messages[0].content, "<image>\nDescribe.");
-    assert_eq!(ds.get(2).unwrap().images, vec![ImageSource::Bytes(PNG.to_vec())]);
-    assert_eq!(ds.get(3).unwrap().images, vec![ImageSource::Bytes(PNG.to_vec())]);
-    assert_eq!(ds.get(4).unwrap().images, vec![ImageSource::Bytes(b"\x89PNG".to_vec())]);
+    assert_eq!(
+        ds.get(2).unwrap().images,
+        vec![ImageSource::Bytes(PNG.to_vec())]
+    );
+    assert_eq!(
+        ds.get(3).unwrap().images,
+        vec![ImageSource::Bytes(PNG.to_vec())]
+    );
+    assert_eq!(
+        ds.get(4).unwrap().images,
+        vec![ImageSource::Bytes(b"\x89PNG".to_vec())]
+    );
     assert!(ds.get(5).unwrap().images.is_empty());
 
     // Explicit format mismatching the row is a clear row error.
-    let opts = ReadOptions { format: RowFormat::Sharegpt, ..Default::default() };
-    assert!(Dataset::open(&p, &opts).unwrap_err().to_string().contains("missing `messages`"));
+    let opts = ReadOptions {
+        format: RowFormat::Sharegpt,
+        ..Default::default()
+    };
+    assert!(Dataset::open(&p, &opts)
+        .unwrap_err()
+        .to_string()
+        .contains("missing `messages`"));
 }
 
 #[test]
@@ -153,7 +229,13 @@ fn grpo_prompt_rows() {
     let p = write(d.path(), "grpo.jsonl", &rows.join("\n"));
     let ds = Dataset::open(&p, &ReadOptions::default()).unwrap();
     let s = ds.get(0).unwrap();
-    assert_eq!(s.messages, vec![Message { role: "user".into(), content: "<image>\nHow many cubes?".into() }]);
+    assert_eq!(
+        s.messages,
+        vec![Message {
+            role: "user".into(),
+            content: "<image>\nHow many cubes?".into()
+        }]
+    );
     assert_eq!(s.answer.as_deref(), Some("<answer> 3 </answer>"));
     let s = ds.get(1).unwrap();
     assert_eq!(s.messages[0].content, "<image>Which?");
@@ -178,8 +260,15 @@ fn bench_tsv() {
     );
     let p = write(d.path(), "bench.tsv", &tsv);
     let e = Dataset::open(&p, &ReadOptions::default()).unwrap_err();
-    assert!(matches!(e, DataError::Row { row: 3, .. }) && e.to_string().contains("base64"), "{e}");
-    let opts = ReadOptions { on_bad_row: OnBadRow::Skip, instruction: Some(R1_EVAL_PROMPT.into()), ..Default::default() };
+    assert!(
+        matches!(e, DataError::Row { row: 3, .. }) && e.to_string().contains("base64"),
+        "{e}"
+    );
+    let opts = ReadOptions {
+        on_bad_row: OnBadRow::Skip,
+        instruction: Some(R1_EVAL_PROMPT.into()),
+        ..Default::default()
+    };
     let ds = Dataset::open(&p, &opts).unwrap();
     assert_eq!((ds.len(), ds.report.skipped), (2, 2));
     assert!(ds.report.errors[1].to_string().contains("index 99"));
@@ -187,7 +276,9 @@ fn bench_tsv() {
     assert_eq!(s.id, "0");
     assert_eq!(
         s.messages[0].content,
-        format!("<image>\nWhich \"shape\"?\tline two\nmore\nA. circle\nB. square\n{R1_EVAL_PROMPT}")
+        format!(
+            "<image>\nWhich \"shape\"?\tline two\nmore\nA. circle\nB. square\n{R1_EVAL_PROMPT}"
+        )
     );
     assert_eq!(s.answer.as_deref(), Some("B"));
     assert_eq!(s.images, vec![ImageSource::Bytes(PNG.to_vec())]);
@@ -195,17 +286,27 @@ fn bench_tsv() {
     assert_eq!(s.meta["category"], "Math");
     let s = ds.get(1).unwrap();
     assert_eq!(s.images, vec![ImageSource::Bytes(PNG.to_vec())]); // resolved reference
-    assert_eq!(s.messages[0].content, format!("<image>\nSame picture, other question\n{R1_EVAL_PROMPT}"));
+    assert_eq!(
+        s.messages[0].content,
+        format!("<image>\nSame picture, other question\n{R1_EVAL_PROMPT}")
+    );
 
     let p = write(d.path(), "nocol.tsv", "index\tquestion\n0\tq\n");
-    assert!(Dataset::open(&p, &opts).unwrap_err().to_string().contains("missing column `image`"));
+    assert!(Dataset::open(&p, &opts)
+        .unwrap_err()
+        .to_string()
+        .contains("missing column `image`"));
 }
 
 #[test]
 fn open_many_and_lengths() {
     let d = tempfile::tempdir().unwrap();
     let a = write(d.path(), "a.jsonl", r#"{"prompt": "abcd", "answer": "1"}"#);
-    let b = write(d.path(), "b.json", r#"[{"prompt": "abcdefgh", "answer": "2", "image": null}]"#);
+    let b = write(
+        d.path(),
+        "b.json",
+        r#"[{"prompt": "abcdefgh", "answer": "2", "image": null}]"#,
+    );
     let ds = Dataset::open_many(&[a, b], &ReadOptions::default()).unwrap();
     assert_eq!(ds.len(), 2);
     assert_eq!(ds.estimated_lengths(4.0, 100), vec![1, 2]);
@@ -238,22 +339,40 @@ fn r1_onevision_parquet() {
     );
     let d = tempfile::tempdir().unwrap();
     let path = d.path().join("train-00000.parquet");
-    let props = Arc::new(WriterProperties::builder().set_compression(Compression::SNAPPY).build());
+    let props = Arc::new(
+        WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build(),
+    );
     let mut w = SerializedFileWriter::new(fs::File::create(&path).unwrap(), schema, props).unwrap();
     let ba = |s: &[u8]| ByteArray::from(s.to_vec());
     // (values, definition levels, repetition levels) per leaf column, in schema order.
     let turns_rep = vec![0i16, 1, 0, 1, 0, 1];
-    let columns: Vec<(Vec<ByteArray>, Option<Vec<i16>>, Option<Vec<i16>>)> = vec![
+    type Column = (Vec<ByteArray>, Option<Vec<i16>>, Option<Vec<i16>>);
+    let columns: Vec<Column> = vec![
         (vec![ba(b"p0"), ba(b"p1"), ba(b"p2")], None, None),
         (vec![ba(PNG), ba(PNG)], Some(vec![2, 1, 2]), None),
         (vec![ba(b"x.png")], Some(vec![1, 2, 1]), None),
         (
-            ["human", "gpt", "human", "gpt", "tool", "gpt"].iter().map(|s| ba(s.as_bytes())).collect(),
+            ["human", "gpt", "human", "gpt", "tool", "gpt"]
+                .iter()
+                .map(|s| ba(s.as_bytes()))
+                .collect(),
             Some(vec![4; 6]),
             Some(turns_rep.clone()),
         ),
         (
-            ["<image>\nWhat is shown?", "A chart.", "Q2", "A2", "Q3", "A3"].iter().map(|s| ba(s.as_bytes())).collect(),
+            [
+                "<image>\nWhat is shown?",
+                "A chart.",
+                "Q2",
+                "A2",
+                "Q3",
+                "A3",
+            ]
+            .iter()
+            .map(|s| ba(s.as_bytes()))
+            .collect(),
             Some(vec![4; 6]),
             Some(turns_rep),
         ),
@@ -262,7 +381,9 @@ fn r1_onevision_parquet() {
     let mut k = 0;
     while let Some(mut col) = rg.next_column().unwrap() {
         let (vals, def, rep) = &columns[k];
-        col.typed::<ByteArrayType>().write_batch(vals, def.as_deref(), rep.as_deref()).unwrap();
+        col.typed::<ByteArrayType>()
+            .write_batch(vals, def.as_deref(), rep.as_deref())
+            .unwrap();
         col.close().unwrap();
         k += 1;
     }
@@ -270,8 +391,18 @@ fn r1_onevision_parquet() {
     w.close().unwrap();
 
     let e = Dataset::open(&path, &ReadOptions::default()).unwrap_err();
-    assert!(matches!(e, DataError::Row { row: 3, .. }) && e.to_string().contains("\"tool\""), "{e}");
-    let ds = Dataset::open(&path, &ReadOptions { on_bad_row: OnBadRow::Skip, ..Default::default() }).unwrap();
+    assert!(
+        matches!(e, DataError::Row { row: 3, .. }) && e.to_string().contains("\"tool\""),
+        "{e}"
+    );
+    let ds = Dataset::open(
+        &path,
+        &ReadOptions {
+            on_bad_row: OnBadRow::Skip,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!((ds.len(), ds.report.skipped), (2, 1));
     let s = ds.get(0).unwrap();
     assert_eq!(s.id, "p0");
@@ -279,8 +410,14 @@ fn r1_onevision_parquet() {
     assert_eq!(
         s.messages,
         vec![
-            Message { role: "user".into(), content: "<image>\nWhat is shown?".into() },
-            Message { role: "assistant".into(), content: "A chart.".into() },
+            Message {
+                role: "user".into(),
+                content: "<image>\nWhat is shown?".into()
+            },
+            Message {
+                role: "assistant".into(),
+                content: "A chart.".into()
+            },
         ]
     );
     let s = ds.get(1).unwrap();
@@ -288,5 +425,8 @@ fn r1_onevision_parquet() {
     assert_eq!(s.messages[0].content, "<image>\nQ2");
 
     let junk = write(d.path(), "junk.parquet", "not parquet");
-    assert!(Dataset::open(&junk, &ReadOptions::default()).unwrap_err().to_string().contains("not a readable parquet file"));
+    assert!(Dataset::open(&junk, &ReadOptions::default())
+        .unwrap_err()
+        .to_string()
+        .contains("not a readable parquet file"));
 }

@@ -2,20 +2,36 @@ use onevision_data::*;
 use std::collections::BTreeSet;
 
 fn cfg(seed: u64, rank: usize, world: usize) -> ShardConfig {
-    ShardConfig { seed, shuffle: true, rank, world_size: world }
+    ShardConfig {
+        seed,
+        shuffle: true,
+        rank,
+        world_size: world,
+    }
 }
 
 #[test]
 fn shuffle_is_deterministic_permutation() {
     let a = epoch_order(100, 0, &cfg(7, 0, 1)).unwrap();
     assert_eq!(a, epoch_order(100, 0, &cfg(7, 0, 1)).unwrap());
-    assert_ne!(a, epoch_order(100, 1, &cfg(7, 0, 1)).unwrap(), "epochs reshuffle");
-    assert_ne!(a, epoch_order(100, 0, &cfg(8, 0, 1)).unwrap(), "seeds differ");
+    assert_ne!(
+        a,
+        epoch_order(100, 1, &cfg(7, 0, 1)).unwrap(),
+        "epochs reshuffle"
+    );
+    assert_ne!(
+        a,
+        epoch_order(100, 0, &cfg(8, 0, 1)).unwrap(),
+        "seeds differ"
+    );
     assert_ne!(a, (0..100).collect::<Vec<_>>());
     let mut s = a.clone();
     s.sort();
     assert_eq!(s, (0..100).collect::<Vec<_>>());
-    let plain = ShardConfig { shuffle: false, ..cfg(7, 0, 1) };
+    let plain = ShardConfig {
+        shuffle: false,
+        ..cfg(7, 0, 1)
+    };
     assert_eq!(epoch_order(5, 3, &plain).unwrap(), vec![0, 1, 2, 3, 4]);
 }
 
@@ -39,11 +55,41 @@ fn sharding_is_disjoint_and_equal() {
 #[test]
 fn fixed_batches() {
     let c = cfg(3, 0, 1);
-    let b = epoch_batches(10, None, 0, &c, &Batching::Fixed { batch_size: 4, drop_last: false }).unwrap();
+    let b = epoch_batches(
+        10,
+        None,
+        0,
+        &c,
+        &Batching::Fixed {
+            batch_size: 4,
+            drop_last: false,
+        },
+    )
+    .unwrap();
     assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), vec![4, 4, 2]);
-    let b = epoch_batches(10, None, 0, &c, &Batching::Fixed { batch_size: 4, drop_last: true }).unwrap();
+    let b = epoch_batches(
+        10,
+        None,
+        0,
+        &c,
+        &Batching::Fixed {
+            batch_size: 4,
+            drop_last: true,
+        },
+    )
+    .unwrap();
     assert_eq!(b.len(), 2);
-    assert!(epoch_batches(10, None, 0, &c, &Batching::Fixed { batch_size: 0, drop_last: true }).is_err());
+    assert!(epoch_batches(
+        10,
+        None,
+        0,
+        &c,
+        &Batching::Fixed {
+            batch_size: 0,
+            drop_last: true
+        }
+    )
+    .is_err());
 }
 
 #[test]
@@ -52,16 +98,29 @@ fn token_bucketing_respects_budget_and_equal_counts() {
     let lengths: Vec<usize> = (0..n).map(|i| 10 + (i * 37) % 300).collect();
     let mut lengths_with_giant = lengths.clone();
     lengths_with_giant[5] = 5000; // longer than the budget: alone in its batch
-    let batching = Batching::ByTokens { max_tokens: 1024, window: 64 };
+    let batching = Batching::ByTokens {
+        max_tokens: 1024,
+        window: 64,
+    };
     let world = 3;
     let mut counts = Vec::new();
     let mut seen = BTreeSet::new();
     for r in 0..world {
-        let b = epoch_batches(n, Some(&lengths_with_giant), 1, &cfg(9, r, world), &batching).unwrap();
+        let b = epoch_batches(
+            n,
+            Some(&lengths_with_giant),
+            1,
+            &cfg(9, r, world),
+            &batching,
+        )
+        .unwrap();
         counts.push(b.len());
         for batch in &b {
             let longest = batch.iter().map(|&i| lengths_with_giant[i]).max().unwrap();
-            assert!(batch.len() * longest <= 1024 || batch.len() == 1, "batch {batch:?} over budget");
+            assert!(
+                batch.len() * longest <= 1024 || batch.len() == 1,
+                "batch {batch:?} over budget"
+            );
             for &i in batch {
                 assert!(seen.insert(i), "sample {i} twice");
             }
@@ -70,9 +129,15 @@ fn token_bucketing_respects_budget_and_equal_counts() {
     assert!(counts.iter().all(|c| *c == counts[0]), "{counts:?}");
     // Bucketing reduces padding versus the shuffled order in the same batch sizes.
     let b = epoch_batches(n, Some(&lengths), 0, &cfg(9, 0, 1), &batching).unwrap();
-    let padded: usize = b.iter().map(|x| x.len() * x.iter().map(|&i| lengths[i]).max().unwrap()).sum();
+    let padded: usize = b
+        .iter()
+        .map(|x| x.len() * x.iter().map(|&i| lengths[i]).max().unwrap())
+        .sum();
     let real: usize = b.iter().flatten().map(|&i| lengths[i]).sum();
-    assert!((padded as f64) < 1.25 * real as f64, "padding {padded} vs {real}");
+    assert!(
+        (padded as f64) < 1.25 * real as f64,
+        "padding {padded} vs {real}"
+    );
     assert!(epoch_batches(n, None, 0, &cfg(9, 0, 1), &batching).is_err());
     assert!(epoch_batches(n, Some(&lengths[..5]), 0, &cfg(9, 0, 1), &batching).is_err());
 }
@@ -80,8 +145,24 @@ fn token_bucketing_respects_budget_and_equal_counts() {
 #[test]
 fn cursor_resumes_exactly_across_epochs() {
     let lengths: Vec<usize> = (0..50).map(|i| 1 + i % 7).collect();
-    for batching in [Batching::Fixed { batch_size: 6, drop_last: true }, Batching::ByTokens { max_tokens: 20, window: 16 }] {
-        let mut a = BatchCursor::new(50, Some(lengths.clone()), cfg(5, 1, 2), batching, Position::default()).unwrap();
+    for batching in [
+        Batching::Fixed {
+            batch_size: 6,
+            drop_last: true,
+        },
+        Batching::ByTokens {
+            max_tokens: 20,
+            window: 16,
+        },
+    ] {
+        let mut a = BatchCursor::new(
+            50,
+            Some(lengths.clone()),
+            cfg(5, 1, 2),
+            batching,
+            Position::default(),
+        )
+        .unwrap();
         let mut first = Vec::new();
         for _ in 0..7 {
             first.push(a.next_batch().unwrap());
@@ -90,13 +171,23 @@ fn cursor_resumes_exactly_across_epochs() {
         let straight: Vec<_> = (0..15).map(|_| a.next_batch().unwrap()).collect();
         // Crossed at least one epoch boundary.
         assert!(straight.last().unwrap().0.epoch >= 1, "{batching:?}");
-        let mut b = BatchCursor::new(50, Some(lengths.clone()), cfg(5, 1, 2), batching, saved).unwrap();
+        let mut b =
+            BatchCursor::new(50, Some(lengths.clone()), cfg(5, 1, 2), batching, saved).unwrap();
         let resumed: Vec<_> = (0..15).map(|_| b.next_batch().unwrap()).collect();
         assert_eq!(straight, resumed);
         assert_eq!(first[0].0, Position { epoch: 0, index: 0 });
     }
     // A dataset too small for the world size yields no batches: an error, not a hang.
-    let mut c = BatchCursor::new(1, None, cfg(0, 0, 2), Batching::Fixed { batch_size: 1, drop_last: false }, Position::default())
-        .unwrap();
+    let mut c = BatchCursor::new(
+        1,
+        None,
+        cfg(0, 0, 2),
+        Batching::Fixed {
+            batch_size: 1,
+            drop_last: false,
+        },
+        Position::default(),
+    )
+    .unwrap();
     assert!(c.next_batch().is_err());
 }

@@ -16,7 +16,10 @@ pub struct AccuracyConfig {
 impl Default for AccuracyConfig {
     fn default() -> Self {
         // 1e-4 relative accepts answers written to 4+ significant digits; tight enough that 0.33 ≠ 1/3.
-        Self { rel_tol: 1e-4, abs_tol: 1e-9 }
+        Self {
+            rel_tol: 1e-4,
+            abs_tol: 1e-9,
+        }
     }
 }
 
@@ -38,7 +41,8 @@ static PRED_CHOICE: LazyLock<Regex> = LazyLock::new(|| {
 /// Strip LaTeX/markdown wrappers that carry no meaning for grading.
 fn clean(s: &str) -> String {
     static TEXT_CMD: LazyLock<Regex> = LazyLock::new(|| {
-        Regex::new(r"\\(?:text|textbf|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}").expect("static regex")
+        Regex::new(r"\\(?:text|textbf|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
+            .expect("static regex")
     });
     static DEGREE: LazyLock<Regex> =
         LazyLock::new(|| Regex::new(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree").expect("static regex"));
@@ -82,42 +86,56 @@ fn clean(s: &str) -> String {
 /// Option letter of a ground truth like "C", "(C)", "C.", "Answer: C".
 pub fn parse_choice_gt(gt: &str) -> Option<char> {
     let c = clean(gt);
-    GT_CHOICE.captures(&c).and_then(|m| m.get(1)).and_then(|m| m.as_str().chars().next())
+    GT_CHOICE
+        .captures(&c)
+        .and_then(|m| m.get(1))
+        .and_then(|m| m.as_str().chars().next())
 }
 
 /// Option letter a prediction commits to ("C", "(C) 45", "C. 45", "The answer is C").
 pub fn parse_choice_pred(pred: &str) -> Option<char> {
     let c = clean(pred);
     let m = PRED_CHOICE.captures(&c)?;
-    (1..=3).find_map(|i| m.get(i)).and_then(|m| m.as_str().chars().next())
+    (1..=3)
+        .find_map(|i| m.get(i))
+        .and_then(|m| m.as_str().chars().next())
 }
 
 fn parse_plain(num: &str) -> Option<f64> {
     static PLAIN: LazyLock<Regex> = LazyLock::new(|| {
-        Regex::new(r"\A[-+]?(?:\d{1,3}(?:,\d{3})+(?:\.\d*)?|\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?\z")
-            .expect("static regex")
+        Regex::new(
+            r"\A[-+]?(?:\d{1,3}(?:,\d{3})+(?:\.\d*)?|\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?\z",
+        )
+        .expect("static regex")
     });
     let n = num.trim();
     if !PLAIN.is_match(n) {
         return None;
     }
-    n.replace(',', "").parse::<f64>().ok().filter(|v| v.is_finite())
+    n.replace(',', "")
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite())
 }
 
 /// The numeric values a string may denote, or `None` when it is not a number.
 /// Units, thousands separators and `x =` prefixes are ignored; `\frac{a}{b}`, `a/b`, `a × 10^{k}` are
 /// evaluated; a percentage denotes both `p` and `p/100` ("50%" matches "50" and "0.5").
 pub fn numeric_values(s: &str) -> Option<Vec<f64>> {
-    static ASSIGN: LazyLock<Regex> =
-        LazyLock::new(|| Regex::new(r"\A[A-Za-z][A-Za-z0-9_]*(?:\([A-Za-z]\))?\s*=\s*").expect("static regex"));
+    static ASSIGN: LazyLock<Regex> = LazyLock::new(|| {
+        Regex::new(r"\A[A-Za-z][A-Za-z0-9_]*(?:\([A-Za-z]\))?\s*=\s*").expect("static regex")
+    });
     static FRAC: LazyLock<Regex> = LazyLock::new(|| {
-        Regex::new(r"\A([-+]?)\s*\\frac\s*(?:\{([^{}]+)\}|(\d))\s*(?:\{([^{}]+)\}|(\d))\z").expect("static regex")
+        Regex::new(r"\A([-+]?)\s*\\frac\s*(?:\{([^{}]+)\}|(\d))\s*(?:\{([^{}]+)\}|(\d))\z")
+            .expect("static regex")
     });
     static SLASH: LazyLock<Regex> =
         LazyLock::new(|| Regex::new(r"\A([-+]?[\d.,]+)\s*/\s*([\d.,]+)\z").expect("static regex"));
     static SCI: LazyLock<Regex> = LazyLock::new(|| {
-        Regex::new(r"\A([-+]?[\d.,]+)\s*(?:\\times|\\cdot|×|\*|x)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?\z")
-            .expect("static regex")
+        Regex::new(
+            r"\A([-+]?[\d.,]+)\s*(?:\\times|\\cdot|×|\*|x)\s*10\s*\^\s*\{?\s*([-+]?\d+)\s*\}?\z",
+        )
+        .expect("static regex")
     });
     // number, optional %, optional unit made of letters (e.g. "3 cm", "5 m/s", "12 kg·m^2").
     static WITH_UNIT: LazyLock<Regex> = LazyLock::new(|| {
@@ -134,8 +152,14 @@ pub fn numeric_values(s: &str) -> Option<Vec<f64>> {
     let t = t.trim().trim_end_matches('.').trim();
     if let Some(c) = FRAC.captures(t) {
         let neg = c.get(1).is_some_and(|m| m.as_str() == "-");
-        let num = c.get(2).or(c.get(3)).and_then(|m| numeric_scalar(m.as_str()))?;
-        let den = c.get(4).or(c.get(5)).and_then(|m| numeric_scalar(m.as_str()))?;
+        let num = c
+            .get(2)
+            .or(c.get(3))
+            .and_then(|m| numeric_scalar(m.as_str()))?;
+        let den = c
+            .get(4)
+            .or(c.get(5))
+            .and_then(|m| numeric_scalar(m.as_str()))?;
         return ratio(if neg { -num } else { num }, den);
     }
     if let Some(c) = SLASH.captures(t) {
@@ -167,7 +191,10 @@ fn ratio(n: f64, d: f64) -> Option<Vec<f64>> {
 /// trailing period or surrounding quotes.
 pub fn normalize_str(s: &str) -> String {
     let c = clean(s).to_lowercase();
-    let c = c.trim().trim_end_matches('.').trim_matches(|ch| ch == '"' || ch == '\'');
+    let c = c
+        .trim()
+        .trim_end_matches('.')
+        .trim_matches(|ch| ch == '"' || ch == '\'');
     c.chars().filter(|ch| !ch.is_whitespace()).collect()
 }
 
@@ -215,7 +242,10 @@ impl Reward for AccuracyReward {
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                let gt = r.answer.as_deref().ok_or(RewardError::MissingAnswer { reward: "accuracy", index: i })?;
+                let gt = r.answer.as_deref().ok_or(RewardError::MissingAnswer {
+                    reward: "accuracy",
+                    index: i,
+                })?;
                 Ok(accuracy_score(&r.completion, gt, &self.config))
             })
             .collect()

@@ -25,7 +25,11 @@ pub struct CommandReward {
 
 impl CommandReward {
     pub fn new(name: impl Into<String>, argv: Vec<String>, timeout: Duration) -> Self {
-        Self { name: name.into(), argv, timeout }
+        Self {
+            name: name.into(),
+            argv,
+            timeout,
+        }
     }
 
     fn cmd(&self) -> String {
@@ -78,7 +82,10 @@ impl Reward for CommandReward {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| RewardError::Spawn { cmd: cmd.clone(), msg: e.to_string() })?;
+            .map_err(|e| RewardError::Spawn {
+                cmd: cmd.clone(),
+                msg: e.to_string(),
+            })?;
         // Writer, stdout reader and stderr reader run on their own threads so that a command that
         // answers before reading everything (or fills its stderr pipe) cannot deadlock us.
         let mut stdin = child.stdin.take().expect("piped stdin");
@@ -124,13 +131,21 @@ impl Reward for CommandReward {
                     match parse_line(&line) {
                         Ok(x) => out.push(x),
                         Err(msg) => {
-                            failure = Some(RewardError::Protocol { cmd: cmd.clone(), line: n, msg });
+                            failure = Some(RewardError::Protocol {
+                                cmd: cmd.clone(),
+                                line: n,
+                                msg,
+                            });
                             break;
                         }
                     }
                 }
                 Ok(Err(e)) => {
-                    failure = Some(RewardError::Protocol { cmd: cmd.clone(), line: out.len() + 1, msg: e.to_string() });
+                    failure = Some(RewardError::Protocol {
+                        cmd: cmd.clone(),
+                        line: out.len() + 1,
+                        msg: e.to_string(),
+                    });
                     break;
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -152,17 +167,29 @@ impl Reward for CommandReward {
             let _ = child.wait();
             return Err(f);
         }
-        let status = child.wait().map_err(|e| RewardError::Spawn { cmd: cmd.clone(), msg: e.to_string() })?;
+        let status = child.wait().map_err(|e| RewardError::Spawn {
+            cmd: cmd.clone(),
+            msg: e.to_string(),
+        })?;
         let _ = writer.join();
         let stderr = err_reader.join().unwrap_or_default();
         if !status.success() {
-            return Err(RewardError::Exit { cmd, status: status.to_string(), stderr: tail(&stderr) });
+            return Err(RewardError::Exit {
+                cmd,
+                status: status.to_string(),
+                stderr: tail(&stderr),
+            });
         }
         if out.len() != batch.len() {
             return Err(RewardError::Protocol {
                 cmd,
                 line: out.len() + 1,
-                msg: format!("got {} reward lines for {} requests; stderr: {}", out.len(), batch.len(), tail(&stderr)),
+                msg: format!(
+                    "got {} reward lines for {} requests; stderr: {}",
+                    out.len(),
+                    batch.len(),
+                    tail(&stderr)
+                ),
             });
         }
         Ok(out)

@@ -36,7 +36,8 @@ pub fn format_score(text: &str, style: FormatStyle) -> f64 {
             .and_then(|c| c.get(1))
             .is_some_and(|rest| {
                 // A second <think> after the first block is malformed.
-                !rest.as_str().contains("<think>") && crate::extract::last_boxed(rest.as_str()).is_some()
+                !rest.as_str().contains("<think>")
+                    && crate::extract::last_boxed(rest.as_str()).is_some()
             })
     };
     let ok = match style {
@@ -62,6 +63,9 @@ impl Reward for FormatReward {
         "format"
     }
     fn score_batch(&self, batch: &[RewardRequest]) -> Result<Vec<f64>, RewardError> {
-        Ok(batch.iter().map(|r| format_score(&r.completion, self.style)).collect())
+        Ok(batch
+            .iter()
+            .map(|r| format_score(&r.completion, self.style))
+            .collect())
     }
 }

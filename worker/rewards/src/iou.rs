@@ -121,7 +121,10 @@ impl Reward for IouReward {
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                let gt = r.answer.as_deref().ok_or(RewardError::MissingAnswer { reward: "iou", index: i })?;
+                let gt = r.answer.as_deref().ok_or(RewardError::MissingAnswer {
+                    reward: "iou",
+                    index: i,
+                })?;
                 if parse_boxes(gt).is_empty() {
                     return Err(RewardError::BadGroundTruth {
                         reward: "iou",

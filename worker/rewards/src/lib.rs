@@ -52,17 +52,38 @@ pub enum RewardError {
     #[error("reward `{reward}` needs a ground-truth answer but sample {index} has none")]
     MissingAnswer { reward: &'static str, index: usize },
     #[error("reward `{reward}`: sample {index} has an unusable ground truth: {msg}")]
-    BadGroundTruth { reward: &'static str, index: usize, msg: String },
+    BadGroundTruth {
+        reward: &'static str,
+        index: usize,
+        msg: String,
+    },
     #[error("reward command `{cmd}` could not be run: {msg}")]
     Spawn { cmd: String, msg: String },
     #[error("reward command `{cmd}` timed out after {timeout:?} ({got} of {want} rewards received); raise the timeout or speed it up")]
-    Timeout { cmd: String, timeout: Duration, got: usize, want: usize },
+    Timeout {
+        cmd: String,
+        timeout: Duration,
+        got: usize,
+        want: usize,
+    },
     #[error("reward command `{cmd}` exited with {status}; stderr: {stderr}")]
-    Exit { cmd: String, status: String, stderr: String },
+    Exit {
+        cmd: String,
+        status: String,
+        stderr: String,
+    },
     #[error("reward command `{cmd}`, output line {line}: {msg}")]
-    Protocol { cmd: String, line: usize, msg: String },
+    Protocol {
+        cmd: String,
+        line: usize,
+        msg: String,
+    },
     #[error("reward `{name}` returned {got} scores for {want} samples")]
-    Count { name: String, got: usize, want: usize },
+    Count {
+        name: String,
+        got: usize,
+        want: usize,
+    },
     #[error("reward `{name}` failed: {msg}")]
     Other { name: String, msg: String },
 }
@@ -134,14 +155,20 @@ pub struct WeightedReward {
 
 impl WeightedReward {
     /// Resolve a `rewards: [{name, weight}]` list against `registry`.
-    pub fn from_specs(specs: &[RewardSpec], registry: &RewardRegistry) -> Result<Self, RewardError> {
+    pub fn from_specs(
+        specs: &[RewardSpec],
+        registry: &RewardRegistry,
+    ) -> Result<Self, RewardError> {
         if specs.is_empty() {
             return Err(RewardError::Empty);
         }
         let mut parts = Vec::with_capacity(specs.len());
         for (i, s) in specs.iter().enumerate() {
             if !s.weight.is_finite() {
-                return Err(RewardError::BadWeight { name: s.name.clone(), weight: s.weight });
+                return Err(RewardError::BadWeight {
+                    name: s.name.clone(),
+                    weight: s.weight,
+                });
             }
             if specs[..i].iter().any(|p| p.name == s.name) {
                 return Err(RewardError::Duplicate(s.name.clone()));
@@ -162,10 +189,17 @@ impl WeightedReward {
         for (r, w) in &self.parts {
             let s = r.score_batch(batch)?;
             if s.len() != batch.len() {
-                return Err(RewardError::Count { name: r.name().to_string(), got: s.len(), want: batch.len() });
+                return Err(RewardError::Count {
+                    name: r.name().to_string(),
+                    got: s.len(),
+                    want: batch.len(),
+                });
             }
             if let Some(bad) = s.iter().find(|x| !x.is_finite()) {
-                return Err(RewardError::Other { name: r.name().to_string(), msg: format!("non-finite score {bad}") });
+                return Err(RewardError::Other {
+                    name: r.name().to_string(),
+                    msg: format!("non-finite score {bad}"),
+                });
             }
             for (t, x) in total.iter_mut().zip(&s) {
                 *t += w * x;

@@ -9,7 +9,10 @@ fn extraction_table() {
         ("<answer>1</answer> then <answer>2</answer>", Some("2")),
         ("<answer>so \\boxed{7}</answer>", Some("7")),
         ("reasoning \\boxed{\\frac{1}{2}}", Some("\\frac{1}{2}")),
-        ("\\boxed{a} and later \\boxed{\\sqrt{b^{2}}}", Some("\\sqrt{b^{2}}")),
+        (
+            "\\boxed{a} and later \\boxed{\\sqrt{b^{2}}}",
+            Some("\\sqrt{b^{2}}"),
+        ),
         // Truncated final box: fall back to the last complete one.
         ("\\boxed{3} ... \\boxed{4", Some("3")),
         ("escaped \\boxed{\\{1,2\\}}", Some("\\{1,2\\}")),
@@ -28,12 +31,24 @@ fn format_table() {
     use FormatStyle::*;
     let cases: &[(&str, FormatStyle, f64)] = &[
         ("<think>a</think><answer>b</answer>", AnswerTag, 1.0),
-        ("<think>a\nb</think>\n\n<answer>c\nd</answer>", AnswerTag, 1.0),
+        (
+            "<think>a\nb</think>\n\n<answer>c\nd</answer>",
+            AnswerTag,
+            1.0,
+        ),
         ("<think>a</think> <answer>b</answer>\n", AnswerTag, 1.0),
         ("<think>a</think>text<answer>b</answer>", AnswerTag, 0.0),
         ("<answer>b</answer>", AnswerTag, 0.0),
-        ("<think>a</think><answer>b</answer> trailing", AnswerTag, 0.0),
-        ("preamble <think>a</think><answer>b</answer>", AnswerTag, 0.0),
+        (
+            "<think>a</think><answer>b</answer> trailing",
+            AnswerTag,
+            0.0,
+        ),
+        (
+            "preamble <think>a</think><answer>b</answer>",
+            AnswerTag,
+            0.0,
+        ),
         ("<think>a</think><answer>b", AnswerTag, 0.0),
         ("<think>a</think> so \\boxed{3}.", Boxed, 1.0),
         ("<think>a</think> so \\boxed{3", Boxed, 0.0),
@@ -106,13 +121,20 @@ fn accuracy_table() {
         ("<answer></answer>", "", 0.0),
     ];
     for (c, gt, want) in cases {
-        assert_eq!(accuracy_score(c, gt, &cfg), *want, "completion {c:?} vs gt {gt:?}");
+        assert_eq!(
+            accuracy_score(c, gt, &cfg),
+            *want,
+            "completion {c:?} vs gt {gt:?}"
+        );
     }
 }
 
 #[test]
 fn accuracy_tolerance_is_configurable() {
-    let loose = AccuracyConfig { rel_tol: 0.02, abs_tol: 0.0 };
+    let loose = AccuracyConfig {
+        rel_tol: 0.02,
+        abs_tol: 0.0,
+    };
     assert_eq!(accuracy_score("<answer>0.33</answer>", "1/3", &loose), 1.0);
     assert_eq!(accuracy_score("<answer>0.30</answer>", "1/3", &loose), 0.0);
 }
@@ -126,7 +148,7 @@ fn iou_table() {
     assert_eq!(iou(&a, &[20.0, 20.0, 30.0, 30.0]), 0.0);
     assert_eq!(iou(&a, &[10.0, 0.0, 20.0, 10.0]), 0.0); // touching edge
     assert_eq!(iou(&[5.0, 5.0, 1.0, 1.0], &a), 0.0); // degenerate
-    // Contained: 25/100.
+                                                     // Contained: 25/100.
     assert!((iou(&a, &[0.0, 0.0, 5.0, 5.0]) - 0.25).abs() < 1e-12);
 
     let t = IouMode::Threshold(0.5);
@@ -134,35 +156,78 @@ fn iou_table() {
         ("<answer>[0, 0, 10, 10]</answer>", "[0,0,10,10]", t, 1.0),
         ("<answer>[0,0,10,10]</answer>", "[0,0,10,12]", t, 1.0), // IoU 0.833
         ("<answer>[5,0,15,10]</answer>", "[0,0,10,10]", t, 0.0), // 1/3
-        ("<answer>[5,0,15,10]</answer>", "[0,0,10,10]", IouMode::Continuous, 1.0 / 3.0),
-        ("<answer>[0.0,0.0,1.5,1.5]</answer>", "[0,0,1.5,1.5]", t, 1.0),
+        (
+            "<answer>[5,0,15,10]</answer>",
+            "[0,0,10,10]",
+            IouMode::Continuous,
+            1.0 / 3.0,
+        ),
+        (
+            "<answer>[0.0,0.0,1.5,1.5]</answer>",
+            "[0,0,1.5,1.5]",
+            t,
+            1.0,
+        ),
         ("<answer>no box</answer>", "[0,0,10,10]", t, 0.0),
         // Boxes outside the answer tag are ignored when a tag exists.
-        ("<think>[0,0,10,10]</think><answer>[50,50,60,60]</answer>", "[0,0,10,10]", t, 0.0),
+        (
+            "<think>[0,0,10,10]</think><answer>[50,50,60,60]</answer>",
+            "[0,0,10,10]",
+            t,
+            0.0,
+        ),
         ("The box is [0,0,10,10].", "[0,0,10,10]", t, 1.0),
         // Several boxes: order does not matter.
-        ("<answer>[20,20,30,30], [0,0,10,10]</answer>", "[[0,0,10,10],[20,20,30,30]]", t, 1.0),
+        (
+            "<answer>[20,20,30,30], [0,0,10,10]</answer>",
+            "[[0,0,10,10],[20,20,30,30]]",
+            t,
+            1.0,
+        ),
         // One of two found: 1/2.
-        ("<answer>[0,0,10,10]</answer>", "[[0,0,10,10],[20,20,30,30]]", t, 0.5),
+        (
+            "<answer>[0,0,10,10]</answer>",
+            "[[0,0,10,10],[20,20,30,30]]",
+            t,
+            0.5,
+        ),
         // An extra wrong box costs: 1/2.
-        ("<answer>[0,0,10,10] [50,50,60,60]</answer>", "[0,0,10,10]", t, 0.5),
+        (
+            "<answer>[0,0,10,10] [50,50,60,60]</answer>",
+            "[0,0,10,10]",
+            t,
+            0.5,
+        ),
         // Greedy one-to-one: two predictions of the same box only match once.
-        ("<answer>[0,0,10,10] [0,0,10,10]</answer>", "[[0,0,10,10],[20,20,30,30]]", t, 0.5),
+        (
+            "<answer>[0,0,10,10] [0,0,10,10]</answer>",
+            "[[0,0,10,10],[20,20,30,30]]",
+            t,
+            0.5,
+        ),
     ];
     for (c, gt, mode, want) in cases {
         let got = iou_score(c, gt, *mode);
-        assert!((got - want).abs() < 1e-12, "{c:?} vs {gt:?}: got {got}, want {want}");
+        assert!(
+            (got - want).abs() < 1e-12,
+            "{c:?} vs {gt:?}: got {got}, want {want}"
+        );
     }
 }
 
 fn req(completion: &str, answer: &str) -> RewardRequest {
-    RewardRequest { completion: completion.into(), answer: Some(answer.into()), ..Default::default() }
+    RewardRequest {
+        completion: completion.into(),
+        answer: Some(answer.into()),
+        ..Default::default()
+    }
 }
 
 #[test]
 fn weighted_sum_by_name() {
     let specs: Vec<RewardSpec> =
-        serde_json::from_str(r#"[{"name": "accuracy", "weight": 2.0}, {"name": "format"}]"#).unwrap();
+        serde_json::from_str(r#"[{"name": "accuracy", "weight": 2.0}, {"name": "format"}]"#)
+            .unwrap();
     let w = WeightedReward::from_specs(&specs, &RewardRegistry::builtin()).unwrap();
     let batch = vec![
         req("<think>t</think><answer>5</answer>", "5"),
@@ -172,17 +237,34 @@ fn weighted_sum_by_name() {
     ];
     let s = w.score(&batch).unwrap();
     assert_eq!(s.total, vec![3.0, 1.0, 2.0, 0.0]);
-    assert_eq!(s.components[0], ("accuracy".to_string(), vec![1.0, 0.0, 1.0, 0.0]));
-    assert_eq!(s.components[1], ("format".to_string(), vec![1.0, 1.0, 0.0, 0.0]));
+    assert_eq!(
+        s.components[0],
+        ("accuracy".to_string(), vec![1.0, 0.0, 1.0, 0.0])
+    );
+    assert_eq!(
+        s.components[1],
+        ("format".to_string(), vec![1.0, 1.0, 0.0, 0.0])
+    );
 }
 
 #[test]
 fn weighted_spec_errors() {
     let reg = RewardRegistry::builtin();
-    let spec = |n: &str, w: f64| RewardSpec { name: n.into(), weight: w };
-    let err = WeightedReward::from_specs(&[spec("acuracy", 1.0)], &reg).err().unwrap();
-    assert!(err.to_string().contains("acuracy") && err.to_string().contains("accuracy, format, iou"), "{err}");
-    assert!(matches!(WeightedReward::from_specs(&[], &reg), Err(RewardError::Empty)));
+    let spec = |n: &str, w: f64| RewardSpec {
+        name: n.into(),
+        weight: w,
+    };
+    let err = WeightedReward::from_specs(&[spec("acuracy", 1.0)], &reg)
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("acuracy") && err.to_string().contains("accuracy, format, iou"),
+        "{err}"
+    );
+    assert!(matches!(
+        WeightedReward::from_specs(&[], &reg),
+        Err(RewardError::Empty)
+    ));
     assert!(matches!(
         WeightedReward::from_specs(&[spec("format", 1.0), spec("format", 2.0)], &reg),
         Err(RewardError::Duplicate(_))
@@ -193,12 +275,24 @@ fn weighted_spec_errors() {
     ));
     // accuracy without a ground truth is an error, not a silent 0.
     let w = WeightedReward::from_specs(&[spec("accuracy", 1.0)], &reg).unwrap();
-    let e = w.score(&[RewardRequest { completion: "x".into(), ..Default::default() }]).unwrap_err();
-    assert!(matches!(e, RewardError::MissingAnswer { index: 0, .. }), "{e}");
+    let e = w
+        .score(&[RewardRequest {
+            completion: "x".into(),
+            ..Default::default()
+        }])
+        .unwrap_err();
+    assert!(
+        matches!(e, RewardError::MissingAnswer { index: 0, .. }),
+        "{e}"
+    );
 }
 
 fn sh(name: &str, script: &str, timeout_ms: u64) -> CommandReward {
-    CommandReward::new(name, vec!["sh".into(), "-c".into(), script.into()], Duration::from_millis(timeout_ms))
+    CommandReward::new(
+        name,
+        vec!["sh".into(), "-c".into(), script.into()],
+        Duration::from_millis(timeout_ms),
+    )
 }
 
 #[test]
@@ -209,14 +303,27 @@ fn command_reward_json_lines() {
         r#"while IFS= read -r l; do case "$l" in *good*) echo 1.5;; *) echo '{"reward": -1}';; esac; done"#,
         5000,
     );
-    let batch = vec![req("good one", "x"), req("bad one", "x"), req("good again", "x")];
+    let batch = vec![
+        req("good one", "x"),
+        req("bad one", "x"),
+        req("good again", "x"),
+    ];
     assert_eq!(r.score_batch(&batch).unwrap(), vec![1.5, -1.0, 1.5]);
     assert_eq!(r.score_batch(&[]).unwrap(), Vec::<f64>::new());
 
     // Registered under its name and combined with a builtin.
     let mut reg = RewardRegistry::builtin();
     reg.register(Arc::new(r));
-    let specs = vec![RewardSpec { name: "mine".into(), weight: 0.5 }, RewardSpec { name: "format".into(), weight: 1.0 }];
+    let specs = vec![
+        RewardSpec {
+            name: "mine".into(),
+            weight: 0.5,
+        },
+        RewardSpec {
+            name: "format".into(),
+            weight: 1.0,
+        },
+    ];
     let w = WeightedReward::from_specs(&specs, &reg).unwrap();
     assert_eq!(w.score_batch(&batch).unwrap(), vec![0.75, -0.5, 0.75]);
 }
@@ -225,26 +332,66 @@ fn command_reward_json_lines() {
 fn command_reward_errors() {
     let batch = vec![req("a", "x"), req("b", "x")];
     let e = sh("slow", "sleep 5", 200).score_batch(&batch).unwrap_err();
-    assert!(matches!(e, RewardError::Timeout { got: 0, want: 2, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            RewardError::Timeout {
+                got: 0,
+                want: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
 
-    let e = sh("short", "read l; echo 1", 5000).score_batch(&batch).unwrap_err();
-    assert!(e.to_string().contains("got 1 reward lines for 2 requests"), "{e}");
-
-    let e = sh("junk", "while read l; do echo hello; done", 5000).score_batch(&batch).unwrap_err();
-    assert!(matches!(e, RewardError::Protocol { line: 1, .. }) && e.to_string().contains("not JSON"), "{e}");
-
-    let e = sh("fail", "echo boom >&2; exit 3", 5000).score_batch(&batch).unwrap_err();
-    assert!(matches!(e, RewardError::Exit { .. }) && e.to_string().contains("boom"), "{e}");
-
-    let e = sh("nan", "while read l; do echo '{\"reward\": \"x\"}'; done", 5000).score_batch(&batch).unwrap_err();
-    assert!(e.to_string().contains("expected a number"), "{e}");
-
-    let e = CommandReward::new("missing", vec!["/nonexistent/reward-bin".into()], Duration::from_secs(1))
+    let e = sh("short", "read l; echo 1", 5000)
         .score_batch(&batch)
         .unwrap_err();
-    assert!(matches!(e, RewardError::Spawn { .. }) && e.to_string().contains("/nonexistent/reward-bin"), "{e}");
+    assert!(
+        e.to_string().contains("got 1 reward lines for 2 requests"),
+        "{e}"
+    );
 
-    let e = sh("many", "while read l; do echo 1; echo 2; done", 5000).score_batch(&batch).unwrap_err();
+    let e = sh("junk", "while read l; do echo hello; done", 5000)
+        .score_batch(&batch)
+        .unwrap_err();
+    assert!(
+        matches!(e, RewardError::Protocol { line: 1, .. }) && e.to_string().contains("not JSON"),
+        "{e}"
+    );
+
+    let e = sh("fail", "echo boom >&2; exit 3", 5000)
+        .score_batch(&batch)
+        .unwrap_err();
+    assert!(
+        matches!(e, RewardError::Exit { .. }) && e.to_string().contains("boom"),
+        "{e}"
+    );
+
+    let e = sh(
+        "nan",
+        "while read l; do echo '{\"reward\": \"x\"}'; done",
+        5000,
+    )
+    .score_batch(&batch)
+    .unwrap_err();
+    assert!(e.to_string().contains("expected a number"), "{e}");
+
+    let e = CommandReward::new(
+        "missing",
+        vec!["/nonexistent/reward-bin".into()],
+        Duration::from_secs(1),
+    )
+    .score_batch(&batch)
+    .unwrap_err();
+    assert!(
+        matches!(e, RewardError::Spawn { .. }) && e.to_string().contains("/nonexistent/reward-bin"),
+        "{e}"
+    );
+
+    let e = sh("many", "while read l; do echo 1; echo 2; done", 5000)
+        .score_batch(&batch)
+        .unwrap_err();
     assert!(e.to_string().contains("more output lines"), "{e}");
 }
 
@@ -256,5 +403,8 @@ fn command_reward_sees_request_fields() {
         r#"while IFS= read -r l; do echo "$l" | sed -e 's/.*"answer":"\([0-9.]*\)".*/\1/'; done"#,
         5000,
     );
-    assert_eq!(r.score_batch(&[req("c", "0.25"), req("d", "2")]).unwrap(), vec![0.25, 2.0]);
+    assert_eq!(
+        r.score_batch(&[req("c", "0.25"), req("d", "2")]).unwrap(),
+        vec![0.25, 2.0]
+    );
 }

@@ -32,7 +32,10 @@ const FORMAT: &str = "onevision-training-checkpoint";
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{dir}: no manifest.json — the checkpoint is incomplete (crashed while saving?)")]
     MissingManifest { dir: PathBuf },
     #[error("{path}: bad manifest: {msg}")]
@@ -40,9 +43,19 @@ pub enum CheckpointError {
     #[error("{file}: listed in the manifest but missing")]
     MissingFile { file: PathBuf },
     #[error("{file}: size {actual} bytes, manifest says {expected} — truncated or overwritten")]
-    Size { file: PathBuf, expected: u64, actual: u64 },
-    #[error("{file}: SHA-256 mismatch, manifest {expected}, file {actual} — the file is corrupted")]
-    Checksum { file: PathBuf, expected: String, actual: String },
+    Size {
+        file: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+    #[error(
+        "{file}: SHA-256 mismatch, manifest {expected}, file {actual} — the file is corrupted"
+    )]
+    Checksum {
+        file: PathBuf,
+        expected: String,
+        actual: String,
+    },
     #[error("{file}: {msg}")]
     Safetensors { file: PathBuf, msg: String },
     #[error("{file}: bad training state: {msg}")]
@@ -52,7 +65,10 @@ pub enum CheckpointError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io { path: path.to_path_buf(), source }
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Where the data loader is: epoch and index of the next sample (in its own shuffled order).
@@ -130,13 +146,22 @@ fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
 
 fn write_tensors(path: &Path, tensors: &[(String, &Tensor)]) -> Result<(), CheckpointError> {
     let views = tensors.iter().map(|(n, t)| (n.clone(), F32View(t)));
-    safetensors::tensor::serialize_to_file(views, None, path)
-        .map_err(|e| CheckpointError::Safetensors { file: path.to_path_buf(), msg: e.to_string() })?;
-    File::open(path).and_then(|f| f.sync_all()).map_err(io(path))
+    safetensors::tensor::serialize_to_file(views, None, path).map_err(|e| {
+        CheckpointError::Safetensors {
+            file: path.to_path_buf(),
+            msg: e.to_string(),
+        }
+    })?;
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io(path))
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn dir_name(step: u64) -> String {
@@ -144,7 +169,9 @@ fn dir_name(step: u64) -> String {
 }
 
 fn step_of(name: &str) -> Option<u64> {
-    name.strip_prefix(PREFIX).filter(|s| s.len() == 10).and_then(|s| s.parse().ok())
+    name.strip_prefix(PREFIX)
+        .filter(|s| s.len() == 10)
+        .and_then(|s| s.parse().ok())
 }
 
 /// Read and checksum every file of the manifest; returns the manifest and the verified bytes.
@@ -153,37 +180,61 @@ fn read_verified(dir: &Path) -> Result<(Manifest, BTreeMap<String, Vec<u8>>), Ch
     let text = match fs::read(&mpath) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(CheckpointError::MissingManifest { dir: dir.to_path_buf() })
+            return Err(CheckpointError::MissingManifest {
+                dir: dir.to_path_buf(),
+            })
         }
         Err(e) => return Err(io(&mpath)(e)),
     };
-    let manifest: Manifest = serde_json::from_slice(&text)
-        .map_err(|e| CheckpointError::Manifest { path: mpath.clone(), msg: e.to_string() })?;
+    let manifest: Manifest =
+        serde_json::from_slice(&text).map_err(|e| CheckpointError::Manifest {
+            path: mpath.clone(),
+            msg: e.to_string(),
+        })?;
     if manifest.format != FORMAT {
-        return Err(CheckpointError::Manifest { path: mpath, msg: format!("unknown format {:?}", manifest.format) });
+        return Err(CheckpointError::Manifest {
+            path: mpath,
+            msg: format!("unknown format {:?}", manifest.format),
+        });
     }
     for required in [WEIGHTS, OPTIMIZER, STATE] {
         if !manifest.files.contains_key(required) {
-            return Err(CheckpointError::Manifest { path: mpath, msg: format!("does not list {required}") });
+            return Err(CheckpointError::Manifest {
+                path: mpath,
+                msg: format!("does not list {required}"),
+            });
         }
     }
     let mut contents = BTreeMap::new();
     for (name, entry) in &manifest.files {
         if name.contains('/') || name.contains("..") {
-            return Err(CheckpointError::Manifest { path: mpath, msg: format!("bad file name {name:?}") });
+            return Err(CheckpointError::Manifest {
+                path: mpath,
+                msg: format!("bad file name {name:?}"),
+            });
         }
         let file = dir.join(name);
         let bytes = match fs::read(&file) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(CheckpointError::MissingFile { file }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(CheckpointError::MissingFile { file })
+            }
             Err(e) => return Err(io(&file)(e)),
         };
         if bytes.len() as u64 != entry.bytes {
-            return Err(CheckpointError::Size { file, expected: entry.bytes, actual: bytes.len() as u64 });
+            return Err(CheckpointError::Size {
+                file,
+                expected: entry.bytes,
+                actual: bytes.len() as u64,
+            });
         }
         let actual = sha256_hex(&bytes);
         if actual != entry.sha256 {
-            return Err(CheckpointError::Checksum { file, expected: entry.sha256.clone(), actual });
+            return Err(CheckpointError::Checksum {
+                file,
+                expected: entry.sha256.clone(),
+                actual,
+            });
         }
         contents.insert(name.clone(), bytes);
     }
@@ -191,8 +242,10 @@ fn read_verified(dir: &Path) -> Result<(Manifest, BTreeMap<String, Vec<u8>>), Ch
 }
 
 fn parse_tensors(file: &Path, bytes: &[u8]) -> Result<TensorMap, CheckpointError> {
-    let st = SafeTensors::deserialize(bytes)
-        .map_err(|e| CheckpointError::Safetensors { file: file.to_path_buf(), msg: e.to_string() })?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| CheckpointError::Safetensors {
+        file: file.to_path_buf(),
+        msg: e.to_string(),
+    })?;
     let mut out = TensorMap::new();
     for (name, view) in st.iter() {
         if view.dtype() != Dtype::F32 {
@@ -201,8 +254,18 @@ fn parse_tensors(file: &Path, bytes: &[u8]) -> Result<TensorMap, CheckpointError
                 msg: format!("tensor `{name}` is {:?}, expected F32", view.dtype()),
             });
         }
-        let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-        out.insert(name.to_string(), Tensor { shape: view.shape().to_vec(), data });
+        let data = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.insert(
+            name.to_string(),
+            Tensor {
+                shape: view.shape().to_vec(),
+                data,
+            },
+        );
     }
     Ok(out)
 }
@@ -211,12 +274,18 @@ fn parse_tensors(file: &Path, bytes: &[u8]) -> Result<TensorMap, CheckpointError
 pub fn load(dir: &Path) -> Result<TrainingState, CheckpointError> {
     let (manifest, files) = read_verified(dir)?;
     let state_path = dir.join(STATE);
-    let sf: StateFile = serde_json::from_slice(&files[STATE])
-        .map_err(|e| CheckpointError::State { file: state_path.clone(), msg: e.to_string() })?;
+    let sf: StateFile =
+        serde_json::from_slice(&files[STATE]).map_err(|e| CheckpointError::State {
+            file: state_path.clone(),
+            msg: e.to_string(),
+        })?;
     if sf.step != manifest.step {
         return Err(CheckpointError::State {
             file: state_path,
-            msg: format!("step {} differs from the manifest's {}", sf.step, manifest.step),
+            msg: format!(
+                "step {} differs from the manifest's {}",
+                sf.step, manifest.step
+            ),
         });
     }
     let weights = parse_tensors(&dir.join(WEIGHTS), &files[WEIGHTS])?;
@@ -228,8 +297,12 @@ pub fn load(dir: &Path) -> Result<TrainingState, CheckpointError> {
             file: opt_path.clone(),
             msg: format!("missing tensor `{k}/{name}` for a parameter listed in state.json"),
         };
-        let m = moments.remove(&format!("m/{name}")).ok_or_else(|| missing("m"))?;
-        let v = moments.remove(&format!("v/{name}")).ok_or_else(|| missing("v"))?;
+        let m = moments
+            .remove(&format!("m/{name}"))
+            .ok_or_else(|| missing("m"))?;
+        let v = moments
+            .remove(&format!("v/{name}"))
+            .ok_or_else(|| missing("v"))?;
         optimizer.insert(name, ParamState { step, m, v });
     }
     Ok(TrainingState {
@@ -259,7 +332,9 @@ impl CheckpointManager {
     /// `keep_last`: how many checkpoints to keep after each save (≥ 1).
     pub fn new(root: impl Into<PathBuf>, keep_last: usize) -> Result<Self, CheckpointError> {
         if keep_last == 0 {
-            return Err(CheckpointError::Invalid("keep_last must be at least 1".into()));
+            return Err(CheckpointError::Invalid(
+                "keep_last must be at least 1".into(),
+            ));
         }
         let root = root.into();
         fs::create_dir_all(&root).map_err(io(&root))?;
@@ -290,7 +365,10 @@ impl CheckpointManager {
         let mut n = 0;
         for e in fs::read_dir(&self.root).map_err(io(&self.root))? {
             let e = e.map_err(io(&self.root))?;
-            if e.file_name().to_str().is_some_and(|s| s.starts_with(TMP_PREFIX)) {
+            if e.file_name()
+                .to_str()
+                .is_some_and(|s| s.starts_with(TMP_PREFIX))
+            {
                 let p = e.path();
                 fs::remove_dir_all(&p).map_err(io(&p))?;
                 n += 1;
@@ -303,14 +381,20 @@ impl CheckpointManager {
     /// newest `keep_last`. Returns the checkpoint directory.
     pub fn save(&self, state: &TrainingState) -> Result<PathBuf, CheckpointError> {
         self.clean_temp()?;
-        let tmp = self.root.join(format!("{TMP_PREFIX}{}-{}", dir_name(state.step), std::process::id()));
+        let tmp = self.root.join(format!(
+            "{TMP_PREFIX}{}-{}",
+            dir_name(state.step),
+            std::process::id()
+        ));
         fs::create_dir(&tmp).map_err(io(&tmp))?;
         self.write_files(&tmp, state)?;
         sync_dir(&tmp)?;
         let dst = self.root.join(dir_name(state.step));
         if dst.exists() {
             // rename() cannot replace a non-empty directory: move the old one aside first.
-            let old = self.root.join(format!("{TMP_PREFIX}replaced-{}", dir_name(state.step)));
+            let old = self
+                .root
+                .join(format!("{TMP_PREFIX}replaced-{}", dir_name(state.step)));
             fs::rename(&dst, &old).map_err(io(&dst))?;
             fs::rename(&tmp, &dst).map_err(io(&tmp))?;
             sync_dir(&self.root)?;
@@ -332,10 +416,13 @@ impl CheckpointManager {
     fn write_files(&self, dir: &Path, state: &TrainingState) -> Result<(), CheckpointError> {
         for (name, st) in &state.optimizer {
             if st.m.shape != st.v.shape {
-                return Err(CheckpointError::Invalid(format!("optimizer moments of `{name}` have different shapes")));
+                return Err(CheckpointError::Invalid(format!(
+                    "optimizer moments of `{name}` have different shapes"
+                )));
             }
         }
-        let weights: Vec<(String, &Tensor)> = state.weights.iter().map(|(n, t)| (n.clone(), t)).collect();
+        let weights: Vec<(String, &Tensor)> =
+            state.weights.iter().map(|(n, t)| (n.clone(), t)).collect();
         write_tensors(&dir.join(WEIGHTS), &weights)?;
         let moments: Vec<(String, &Tensor)> = state
             .optimizer
@@ -346,24 +433,43 @@ impl CheckpointManager {
         let sf = StateFile {
             format: FORMAT.into(),
             step: state.step,
-            optimizer_steps: state.optimizer.iter().map(|(n, s)| (n.clone(), s.step)).collect(),
+            optimizer_steps: state
+                .optimizer
+                .iter()
+                .map(|(n, s)| (n.clone(), s.step))
+                .collect(),
             schedule: state.schedule,
             data_position: state.data_position,
             rng: state.rng.clone(),
             metadata: state.metadata.clone(),
         };
-        let state_bytes = serde_json::to_vec_pretty(&sf)
-            .map_err(|e| CheckpointError::State { file: dir.join(STATE), msg: e.to_string() })?;
+        let state_bytes = serde_json::to_vec_pretty(&sf).map_err(|e| CheckpointError::State {
+            file: dir.join(STATE),
+            msg: e.to_string(),
+        })?;
         write_synced(&dir.join(STATE), &state_bytes)?;
         let mut files = BTreeMap::new();
         for name in [WEIGHTS, OPTIMIZER, STATE] {
             let p = dir.join(name);
             let bytes = fs::read(&p).map_err(io(&p))?;
-            files.insert(name.to_string(), FileEntry { sha256: sha256_hex(&bytes), bytes: bytes.len() as u64 });
+            files.insert(
+                name.to_string(),
+                FileEntry {
+                    sha256: sha256_hex(&bytes),
+                    bytes: bytes.len() as u64,
+                },
+            );
         }
-        let manifest = Manifest { format: FORMAT.into(), step: state.step, files };
-        let mbytes = serde_json::to_vec_pretty(&manifest)
-            .map_err(|e| CheckpointError::Manifest { path: dir.join(MANIFEST), msg: e.to_string() })?;
+        let manifest = Manifest {
+            format: FORMAT.into(),
+            step: state.step,
+            files,
+        };
+        let mbytes =
+            serde_json::to_vec_pretty(&manifest).map_err(|e| CheckpointError::Manifest {
+                path: dir.join(MANIFEST),
+                msg: e.to_string(),
+            })?;
         write_synced(&dir.join(MANIFEST), &mbytes)
     }
 
@@ -373,14 +479,22 @@ impl CheckpointManager {
         let mut skipped = Vec::new();
         for (_, dir) in self.list()?.into_iter().rev() {
             match load(&dir) {
-                Ok(state) => return Ok(LatestValid { found: Some((dir, state)), skipped }),
+                Ok(state) => {
+                    return Ok(LatestValid {
+                        found: Some((dir, state)),
+                        skipped,
+                    })
+                }
                 Err(e) => {
                     tracing::warn!(checkpoint = %dir.display(), error = %e, "skipping invalid checkpoint");
                     skipped.push((dir, e));
                 }
             }
         }
-        Ok(LatestValid { found: None, skipped })
+        Ok(LatestValid {
+            found: None,
+            skipped,
+        })
     }
 }
 

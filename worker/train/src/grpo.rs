@@ -71,7 +71,11 @@ impl Default for GrpoConfig {
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum GrpoError {
     #[error("`{name}` has {got} values, expected {want} (n_seqs · seq_len or n_seqs)")]
-    Shape { name: &'static str, got: usize, want: usize },
+    Shape {
+        name: &'static str,
+        got: usize,
+        want: usize,
+    },
     #[error("beta = {0} > 0 needs reference log-probs (ref_logp); pass them or set beta = 0")]
     MissingRef(f64),
     #[error("invalid GRPO config: {0}")]
@@ -99,7 +103,11 @@ pub fn group_advantages(
     dynamic_sampling: bool,
 ) -> Result<Advantages, GrpoError> {
     if group.len() != rewards.len() {
-        return Err(GrpoError::Shape { name: "group", got: group.len(), want: rewards.len() });
+        return Err(GrpoError::Shape {
+            name: "group",
+            got: group.len(),
+            want: rewards.len(),
+        });
     }
     use std::collections::BTreeMap;
     let mut members: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
@@ -113,7 +121,10 @@ pub fn group_advantages(
         let n = idx.len() as f64;
         let mean = idx.iter().map(|&i| rewards[i]).sum::<f64>() / n;
         let var = if idx.len() > 1 {
-            idx.iter().map(|&i| (rewards[i] - mean).powi(2)).sum::<f64>() / (n - 1.0)
+            idx.iter()
+                .map(|&i| (rewards[i] - mean).powi(2))
+                .sum::<f64>()
+                / (n - 1.0)
         } else {
             0.0
         };
@@ -125,10 +136,18 @@ pub fn group_advantages(
         }
         for &i in idx {
             let centred = rewards[i] - mean;
-            advantages[i] = if scale { centred / (var.sqrt() + 1e-4) } else { centred };
+            advantages[i] = if scale {
+                centred / (var.sqrt() + 1e-4)
+            } else {
+                centred
+            };
         }
     }
-    Ok(Advantages { advantages, keep, dropped_groups })
+    Ok(Advantages {
+        advantages,
+        keep,
+        dropped_groups,
+    })
 }
 
 /// One batch of completions, `n_seqs × seq_len` row-major.
@@ -202,7 +221,10 @@ fn kl_and_grad(est: KlEstimator, logp: f64, refp: f64) -> (f64, f64) {
 }
 
 /// GRPO loss and gradient. See the module docs for the formula.
-pub fn grpo_loss<T: Real>(cfg: &GrpoConfig, b: &GrpoBatch<'_, T>) -> Result<GrpoOutput<T>, GrpoError> {
+pub fn grpo_loss<T: Real>(
+    cfg: &GrpoConfig,
+    b: &GrpoBatch<'_, T>,
+) -> Result<GrpoOutput<T>, GrpoError> {
     let n = b.n_seqs * b.seq_len;
     let check = |name: &'static str, got: usize, want: usize| {
         if got == want {
@@ -231,14 +253,26 @@ pub fn grpo_loss<T: Real>(cfg: &GrpoConfig, b: &GrpoBatch<'_, T>) -> Result<Grpo
         )));
     }
     if let Aggregation::DrGrpo { max_len: 0 } = cfg.aggregation {
-        return Err(GrpoError::Config("dr-grpo needs max_len > 0 (the max completion length)".into()));
+        return Err(GrpoError::Config(
+            "dr-grpo needs max_len > 0 (the max completion length)".into(),
+        ));
     }
-    let refs = if cfg.beta > 0.0 { Some(b.ref_logp.ok_or(GrpoError::MissingRef(cfg.beta))?) } else { b.ref_logp };
+    let refs = if cfg.beta > 0.0 {
+        Some(b.ref_logp.ok_or(GrpoError::MissingRef(cfg.beta))?)
+    } else {
+        b.ref_logp
+    };
 
     // Which sequences count, and their token counts.
     let kept = |i: usize| b.keep.is_none_or(|k| k[i]);
-    let lens: Vec<usize> =
-        (0..b.n_seqs).map(|i| b.mask[i * b.seq_len..(i + 1) * b.seq_len].iter().filter(|m| **m).count()).collect();
+    let lens: Vec<usize> = (0..b.n_seqs)
+        .map(|i| {
+            b.mask[i * b.seq_len..(i + 1) * b.seq_len]
+                .iter()
+                .filter(|m| **m)
+                .count()
+        })
+        .collect();
     let active: Vec<usize> = (0..b.n_seqs).filter(|&i| kept(i) && lens[i] > 0).collect();
     let n_tokens: usize = active.iter().map(|&i| lens[i]).sum();
     let n_active = active.len();
@@ -252,7 +286,12 @@ pub fn grpo_loss<T: Real>(cfg: &GrpoConfig, b: &GrpoBatch<'_, T>) -> Result<Grpo
     let den = b.denominator.unwrap_or(natural_den);
 
     let mut grad = vec![T::from_f64(0.0); n];
-    let mut st = GrpoStats { n_seqs: n_active, n_tokens, len_min: usize::MAX, ..Default::default() };
+    let mut st = GrpoStats {
+        n_seqs: n_active,
+        n_tokens,
+        len_min: usize::MAX,
+        ..Default::default()
+    };
     let (mut pg_sum, mut kl_sum, mut loss) = (0.0, 0.0, 0.0);
     let (mut kl_tok, mut ent_tok, mut ratio_tok) = (0.0, 0.0, 0.0);
     let (mut low, mut high, mut zero_adv) = (0usize, 0usize, 0usize);
@@ -282,7 +321,11 @@ pub fn grpo_loss<T: Real>(cfg: &GrpoConfig, b: &GrpoBatch<'_, T>) -> Result<Grpo
             let (unc, clp) = (ratio * a, clipped * a);
             // −min(unc, clp): its derivative is −A·ratio when the unclipped term is the min, else 0
             // (the clipped term is flat in logp outside the band; inside it equals the unclipped one).
-            let (pg, mut g) = if unc <= clp { (-unc, -a * ratio) } else { (-clp, 0.0) };
+            let (pg, mut g) = if unc <= clp {
+                (-unc, -a * ratio)
+            } else {
+                (-clp, 0.0)
+            };
             if ratio < 1.0 - cfg.eps_low && a < 0.0 {
                 low += 1;
             }
@@ -322,5 +365,9 @@ pub fn grpo_loss<T: Real>(cfg: &GrpoConfig, b: &GrpoBatch<'_, T>) -> Result<Grpo
     st.zero_adv_frac = frac(zero_adv as f64, n_active);
     st.pg_loss = pg_sum;
     st.kl_loss = kl_sum;
-    Ok(GrpoOutput { loss, grad_logp: grad, stats: st })
+    Ok(GrpoOutput {
+        loss,
+        grad_logp: grad,
+        stats: st,
+    })
 }

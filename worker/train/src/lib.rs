@@ -5,22 +5,30 @@
 
 pub mod checkpoint;
 pub mod grpo;
+pub mod logprob;
 pub mod optim;
 pub mod schedule;
 pub mod sft;
 pub mod tensor;
 
-pub use checkpoint::{CheckpointError, CheckpointManager, DataPosition, LatestValid, Manifest, TrainingState};
+pub use checkpoint::{
+    CheckpointError, CheckpointManager, DataPosition, LatestValid, Manifest, TrainingState,
+};
 pub use grpo::{
-    group_advantages, grpo_loss, Advantages, Aggregation, GrpoBatch, GrpoConfig, GrpoError, GrpoOutput, GrpoStats,
-    KlEstimator,
+    group_advantages, grpo_loss, Advantages, Aggregation, GrpoBatch, GrpoConfig, GrpoError,
+    GrpoOutput, GrpoStats, KlEstimator,
 };
-pub use optim::{adamw_update, clip_grad_norm, AdamW, AdamWConfig, AdamWHyper, GradAccumulator, GroupSpec, OptimError, ParamState};
+pub use logprob::{token_logprobs, token_logprobs_backward, LogprobError};
+pub use optim::{
+    adamw_update, clip_grad_norm, AdamW, AdamWConfig, AdamWHyper, GradAccumulator, GroupSpec,
+    OptimError, ParamState,
+};
 pub use schedule::{Schedule, ScheduleError, ScheduleKind, Warmup};
-pub use tensor::{Tensor, TensorMap};
 pub use sft::{
-    assistant_labels, assistant_mask, cross_entropy, shift_labels, CeOutput, ChatTokens, SftError, IGNORE_INDEX,
+    assistant_labels, assistant_mask, cross_entropy, shift_labels, CeOutput, ChatTokens, SftError,
+    IGNORE_INDEX,
 };
+pub use tensor::{Tensor, TensorMap};
 
 /// Floating-point element types the losses accept (f32 from the model, f64 for gradient checks).
 /// Arithmetic is done in f64 either way.

@@ -10,12 +10,22 @@ use std::collections::BTreeMap;
 #[derive(Debug, thiserror::Error)]
 pub enum OptimError {
     #[error("invalid name pattern {pattern:?} in param group `{group}`: {source}")]
-    Pattern { group: String, pattern: String, source: regex::Error },
+    Pattern {
+        group: String,
+        pattern: String,
+        source: regex::Error,
+    },
     #[error("gradient for `{0}` has no matching parameter")]
     UnknownGrad(String),
     #[error("shape mismatch for `{name}`: parameter {param:?}, gradient/state {other:?}")]
-    Shape { name: String, param: Vec<usize>, other: Vec<usize> },
-    #[error("gradient of `{0}` is not finite (NaN/inf); skip this step or lower the learning rate")]
+    Shape {
+        name: String,
+        param: Vec<usize>,
+        other: Vec<usize>,
+    },
+    #[error(
+        "gradient of `{0}` is not finite (NaN/inf); skip this step or lower the learning rate"
+    )]
     NonFinite(String),
     #[error("invalid AdamW hyper-parameter: {0}")]
     Config(String),
@@ -88,7 +98,14 @@ pub struct AdamWHyper {
 ///   p ← p·(1 − lr·wd);  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²;
 ///   p ← p − (lr / (1−β1^t)) · m / (√v / √(1−β2^t) + ε).
 /// Arithmetic in f64 per element, stored back as `T` (f32 master weights/moments in training).
-pub fn adamw_update<T: Real>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], t: u64, h: &AdamWHyper) {
+pub fn adamw_update<T: Real>(
+    p: &mut [T],
+    g: &[T],
+    m: &mut [T],
+    v: &mut [T],
+    t: u64,
+    h: &AdamWHyper,
+) {
     let bc1 = 1.0 - h.beta1.powf(t as f64);
     let bc2_sqrt = (1.0 - h.beta2.powf(t as f64)).sqrt();
     let step_size = h.lr / bc1;
@@ -125,7 +142,8 @@ pub struct AdamW {
 impl AdamW {
     pub fn new(config: AdamWConfig) -> Result<Self, OptimError> {
         let ok = |x: f64| (0.0..1.0).contains(&x);
-        if !(ok(config.beta1) && ok(config.beta2) && config.eps > 0.0 && config.weight_decay >= 0.0) {
+        if !(ok(config.beta1) && ok(config.beta2) && config.eps > 0.0 && config.weight_decay >= 0.0)
+        {
             return Err(OptimError::Config(format!(
                 "need 0 ≤ β1, β2 < 1, ε > 0, weight_decay ≥ 0; got β1 {}, β2 {}, ε {}, wd {}",
                 config.beta1, config.beta2, config.eps, config.weight_decay
@@ -143,7 +161,11 @@ impl AdamW {
             }
             patterns.push(v);
         }
-        Ok(Self { config, state: BTreeMap::new(), patterns })
+        Ok(Self {
+            config,
+            state: BTreeMap::new(),
+            patterns,
+        })
     }
 
     /// (group name, weight decay, lr scale) for a parameter name.
@@ -159,16 +181,31 @@ impl AdamW {
     /// One optimizer step with learning rate `lr` over every parameter that has a gradient.
     /// Gradients must be finite (clip first; see [`clip_grad_norm`]). Parameters without a
     /// gradient are left untouched.
-    pub fn step(&mut self, params: &mut TensorMap, grads: &TensorMap, lr: f64) -> Result<(), OptimError> {
+    pub fn step(
+        &mut self,
+        params: &mut TensorMap,
+        grads: &TensorMap,
+        lr: f64,
+    ) -> Result<(), OptimError> {
         // Validate everything first so a bad gradient leaves parameters and state unchanged.
         for (name, g) in grads {
-            let p = params.get(name).ok_or_else(|| OptimError::UnknownGrad(name.clone()))?;
+            let p = params
+                .get(name)
+                .ok_or_else(|| OptimError::UnknownGrad(name.clone()))?;
             if p.shape != g.shape {
-                return Err(OptimError::Shape { name: name.clone(), param: p.shape.clone(), other: g.shape.clone() });
+                return Err(OptimError::Shape {
+                    name: name.clone(),
+                    param: p.shape.clone(),
+                    other: g.shape.clone(),
+                });
             }
             if let Some(s) = self.state.get(name) {
                 if s.m.shape != p.shape || s.v.shape != p.shape {
-                    return Err(OptimError::Shape { name: name.clone(), param: p.shape.clone(), other: s.m.shape.clone() });
+                    return Err(OptimError::Shape {
+                        name: name.clone(),
+                        param: p.shape.clone(),
+                        other: s.m.shape.clone(),
+                    });
                 }
             }
             if g.data.iter().any(|x| !x.is_finite()) {
@@ -185,13 +222,23 @@ impl AdamW {
                 weight_decay: wd,
             };
             let p = params.get_mut(name).expect("validated above");
-            let st = self.state.entry(name.clone()).or_insert_with(|| ParamState {
-                step: 0,
-                m: Tensor::zeros(&p.shape),
-                v: Tensor::zeros(&p.shape),
-            });
+            let st = self
+                .state
+                .entry(name.clone())
+                .or_insert_with(|| ParamState {
+                    step: 0,
+                    m: Tensor::zeros(&p.shape),
+                    v: Tensor::zeros(&p.shape),
+                });
             st.step += 1;
-            adamw_update(&mut p.data, &g.data, &mut st.m.data, &mut st.v.data, st.step, &h);
+            adamw_update(
+                &mut p.data,
+                &g.data,
+                &mut st.m.data,
+                &mut st.v.data,
+                st.step,
+                &h,
+            );
         }
         Ok(())
     }
@@ -213,7 +260,9 @@ pub fn clip_grad_norm(grads: &mut TensorMap, max_norm: f64) -> Result<f64, Optim
     let coef = (max_norm / (norm + 1e-6)).min(1.0);
     if coef < 1.0 {
         for g in grads.values_mut() {
-            g.data.iter_mut().for_each(|x| *x = (*x as f64 * coef) as f32);
+            g.data
+                .iter_mut()
+                .for_each(|x| *x = (*x as f64 * coef) as f32);
         }
     }
     Ok(norm)
@@ -238,13 +287,23 @@ impl GradAccumulator {
         for (name, g) in grads {
             if let Some(s) = self.sums.get(name) {
                 if s.shape != g.shape {
-                    return Err(OptimError::Shape { name: name.clone(), param: s.shape.clone(), other: g.shape.clone() });
+                    return Err(OptimError::Shape {
+                        name: name.clone(),
+                        param: s.shape.clone(),
+                        other: g.shape.clone(),
+                    });
                 }
             }
         }
         for (name, g) in grads {
-            let s = self.sums.entry(name.clone()).or_insert_with(|| Tensor::zeros(&g.shape));
-            s.data.iter_mut().zip(&g.data).for_each(|(a, b)| *a += b * scale);
+            let s = self
+                .sums
+                .entry(name.clone())
+                .or_insert_with(|| Tensor::zeros(&g.shape));
+            s.data
+                .iter_mut()
+                .zip(&g.data)
+                .for_each(|(a, b)| *a += b * scale);
         }
         self.micro_batches += 1;
         Ok(())

@@ -43,7 +43,12 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    pub fn new(kind: ScheduleKind, base_lr: f64, total_steps: u64, warmup: Warmup) -> Result<Self, ScheduleError> {
+    pub fn new(
+        kind: ScheduleKind,
+        base_lr: f64,
+        total_steps: u64,
+        warmup: Warmup,
+    ) -> Result<Self, ScheduleError> {
         if !(base_lr.is_finite() && base_lr >= 0.0) {
             return Err(ScheduleError::Lr(base_lr));
         }
@@ -52,7 +57,13 @@ impl Schedule {
             Warmup::Ratio(r) if (0.0..=1.0).contains(&r) => (r * total_steps as f64).ceil() as u64,
             Warmup::Ratio(r) => return Err(ScheduleError::Ratio(r)),
         };
-        Ok(Self { kind, base_lr, warmup_steps, total_steps, min_lr_ratio: 0.0 })
+        Ok(Self {
+            kind,
+            base_lr,
+            warmup_steps,
+            total_steps,
+            min_lr_ratio: 0.0,
+        })
     }
 
     pub fn with_min_lr_ratio(mut self, r: f64) -> Result<Self, ScheduleError> {

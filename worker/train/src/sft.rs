@@ -8,9 +8,17 @@ pub const IGNORE_INDEX: i64 = -100;
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SftError {
     #[error("logits have {got} values, expected rows ({rows}) · vocab ({vocab})")]
-    Shape { got: usize, rows: usize, vocab: usize },
+    Shape {
+        got: usize,
+        rows: usize,
+        vocab: usize,
+    },
     #[error("label {label} at row {row} is outside the vocabulary [0, {vocab}) and is not {IGNORE_INDEX}")]
-    Label { row: usize, label: i64, vocab: usize },
+    Label {
+        row: usize,
+        label: i64,
+        vocab: usize,
+    },
     #[error("vocab size must be positive")]
     EmptyVocab,
 }
@@ -40,11 +48,19 @@ pub fn cross_entropy<T: Real>(
     }
     let rows = labels.len();
     if logits.len() != rows * vocab {
-        return Err(SftError::Shape { got: logits.len(), rows, vocab });
+        return Err(SftError::Shape {
+            got: logits.len(),
+            rows,
+            vocab,
+        });
     }
     for (row, &l) in labels.iter().enumerate() {
         if l != IGNORE_INDEX && !(0..vocab as i64).contains(&l) {
-            return Err(SftError::Label { row, label: l, vocab });
+            return Err(SftError::Label {
+                row,
+                label: l,
+                vocab,
+            });
         }
     }
     let tokens = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
@@ -57,7 +73,10 @@ pub fn cross_entropy<T: Real>(
             continue;
         }
         let x = &logits[row * vocab..(row + 1) * vocab];
-        let m = x.iter().map(|v| v.to_f64()).fold(f64::NEG_INFINITY, f64::max);
+        let m = x
+            .iter()
+            .map(|v| v.to_f64())
+            .fold(f64::NEG_INFINITY, f64::max);
         let sum: f64 = x.iter().map(|v| (v.to_f64() - m).exp()).sum();
         let lse = m + sum.ln();
         loss += lse - x[label as usize].to_f64();
@@ -67,7 +86,11 @@ pub fn cross_entropy<T: Real>(
         }
         g[label as usize] = T::from_f64(((x[label as usize].to_f64() - lse).exp() - 1.0) * scale);
     }
-    Ok(CeOutput { loss: loss * scale, grad_logits: grad, tokens })
+    Ok(CeOutput {
+        loss: loss * scale,
+        grad_logits: grad,
+        tokens,
+    })
 }
 
 /// Causal-LM shift: position i is trained to predict token i+1; the last position has no target.
@@ -96,7 +119,9 @@ pub fn assistant_mask(ids: &[u32], tok: &ChatTokens) -> Vec<bool> {
     let h = tok.assistant_header.len();
     let mut i = 0;
     while i < ids.len() {
-        if ids[i] == tok.im_start && ids.get(i + 1..i + 1 + h) == Some(tok.assistant_header.as_slice()) {
+        if ids[i] == tok.im_start
+            && ids.get(i + 1..i + 1 + h) == Some(tok.assistant_header.as_slice())
+        {
             let mut j = i + 1 + h;
             while j < ids.len() {
                 mask[j] = true;

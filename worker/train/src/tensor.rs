@@ -15,7 +15,10 @@ impl Tensor {
         (shape.iter().product::<usize>() == data.len()).then_some(Self { shape, data })
     }
     pub fn zeros(shape: &[usize]) -> Self {
-        Self { shape: shape.to_vec(), data: vec![0.0; shape.iter().product()] }
+        Self {
+            shape: shape.to_vec(),
+            data: vec![0.0; shape.iter().product()],
+        }
     }
     pub fn numel(&self) -> usize {
         self.data.len()

@@ -6,8 +6,14 @@ use std::fs;
 fn state(step: u64) -> TrainingState {
     let mut weights = TensorMap::new();
     let w: Vec<f32> = (0..12).map(|i| i as f32 * 0.25 - step as f32).collect();
-    weights.insert("model.embed_tokens.weight".into(), Tensor::new(vec![3, 4], w).unwrap());
-    weights.insert("model.norm.weight".into(), Tensor::new(vec![4], vec![1.0, f32::MIN_POSITIVE, -0.0, 1e30]).unwrap());
+    weights.insert(
+        "model.embed_tokens.weight".into(),
+        Tensor::new(vec![3, 4], w).unwrap(),
+    );
+    weights.insert(
+        "model.norm.weight".into(),
+        Tensor::new(vec![4], vec![1.0, f32::MIN_POSITIVE, -0.0, 1e30]).unwrap(),
+    );
     let mut optimizer = BTreeMap::new();
     optimizer.insert(
         "model.norm.weight".to_string(),
@@ -21,8 +27,13 @@ fn state(step: u64) -> TrainingState {
         step,
         weights,
         optimizer,
-        schedule: Some(Schedule::new(ScheduleKind::Cosine, 1e-5, 100, Warmup::Ratio(0.05)).unwrap()),
-        data_position: DataPosition { epoch: 1, index: 37 + step },
+        schedule: Some(
+            Schedule::new(ScheduleKind::Cosine, 1e-5, 100, Warmup::Ratio(0.05)).unwrap(),
+        ),
+        data_position: DataPosition {
+            epoch: 1,
+            index: 37 + step,
+        },
         rng: vec![1, 2, 3, step as u8],
         metadata: serde_json::json!({"run": "test", "loss": 0.5}),
     }
@@ -38,7 +49,10 @@ fn round_trip_is_exact() {
     let back = load(&p).unwrap();
     // Bit-exact, including -0.0 and subnormal edges.
     assert_eq!(back, s);
-    assert_eq!(back.weights["model.norm.weight"].data[2].to_bits(), (-0.0f32).to_bits());
+    assert_eq!(
+        back.weights["model.norm.weight"].data[2].to_bits(),
+        (-0.0f32).to_bits()
+    );
     let man = verify(&p).unwrap();
     assert_eq!(man.step, 7);
     assert_eq!(man.files.len(), 3);
@@ -60,9 +74,16 @@ fn keep_last_k_and_same_step_replacement() {
     let mut s = state(40);
     s.metadata = serde_json::json!({"again": true});
     m.save(&s).unwrap();
-    assert_eq!(m.latest_valid().unwrap().found.unwrap().1.metadata, s.metadata);
+    assert_eq!(
+        m.latest_valid().unwrap().found.unwrap().1.metadata,
+        s.metadata
+    );
     assert_eq!(m.list().unwrap().len(), 2);
-    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2, "no temp dirs left");
+    assert_eq!(
+        fs::read_dir(dir.path()).unwrap().count(),
+        2,
+        "no temp dirs left"
+    );
     assert!(CheckpointManager::new(dir.path(), 0).is_err());
 }
 
@@ -74,14 +95,25 @@ fn truncated_file_is_refused_and_skipped() {
     let newest = m.save(&state(2)).unwrap();
     let f = newest.join("weights.safetensors");
     let len = fs::metadata(&f).unwrap().len();
-    fs::OpenOptions::new().write(true).open(&f).unwrap().set_len(len - 10).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
     let e = load(&newest).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, CheckpointError::Size { .. }), "{msg}");
-    assert!(msg.contains("weights.safetensors") && msg.contains("truncated"), "{msg}");
+    assert!(
+        msg.contains("weights.safetensors") && msg.contains("truncated"),
+        "{msg}"
+    );
     let lv = m.latest_valid().unwrap();
     let (p, s) = lv.found.unwrap();
-    assert_eq!((p.file_name().unwrap().to_str().unwrap(), s.step), ("ckpt-0000000001", 1));
+    assert_eq!(
+        (p.file_name().unwrap().to_str().unwrap(), s.step),
+        ("ckpt-0000000001", 1)
+    );
     assert_eq!(lv.skipped.len(), 1);
     assert_eq!(lv.skipped[0].0, newest);
 }
@@ -99,7 +131,10 @@ fn bit_flip_gives_checksum_error() {
     let e = load(&p).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, CheckpointError::Checksum { .. }), "{msg}");
-    assert!(msg.contains("optimizer.safetensors") && msg.contains("SHA-256 mismatch"), "{msg}");
+    assert!(
+        msg.contains("optimizer.safetensors") && msg.contains("SHA-256 mismatch"),
+        "{msg}"
+    );
     // Nothing valid left.
     let lv = m.latest_valid().unwrap();
     assert!(lv.found.is_none());
@@ -133,7 +168,10 @@ fn crash_in_the_middle_leaves_old_state_usable() {
     assert_eq!(m.list().unwrap().len(), 2); // temp dir not listed
     let lv = m.latest_valid().unwrap();
     assert_eq!(lv.found.unwrap().1.step, 5);
-    assert!(matches!(lv.skipped[0].1, CheckpointError::MissingManifest { .. }));
+    assert!(matches!(
+        lv.skipped[0].1,
+        CheckpointError::MissingManifest { .. }
+    ));
     // The next save removes the temp dir.
     m.save(&state(8)).unwrap();
     assert!(!tmp.exists());
@@ -149,8 +187,13 @@ fn resume_continues_bit_identically() {
     // Train 6 AdamW steps straight vs 3 steps, checkpoint, reload into a fresh optimizer, 3 more.
     let grad = |step: u64| {
         let mut g = TensorMap::new();
-        let d: Vec<f32> = (0..12).map(|i| ((i as f32 + 1.0) * (step as f32 + 0.5)).sin()).collect();
-        g.insert("model.embed_tokens.weight".into(), Tensor::new(vec![3, 4], d).unwrap());
+        let d: Vec<f32> = (0..12)
+            .map(|i| ((i as f32 + 1.0) * (step as f32 + 0.5)).sin())
+            .collect();
+        g.insert(
+            "model.embed_tokens.weight".into(),
+            Tensor::new(vec![3, 4], d).unwrap(),
+        );
         g
     };
     let sched = Schedule::new(ScheduleKind::Cosine, 1e-2, 6, Warmup::Steps(1)).unwrap();

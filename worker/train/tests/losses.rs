@@ -4,7 +4,10 @@ use onevision_train::*;
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self) -> f64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((self.0 >> 11) as f64) / ((1u64 << 53) as f64)
     }
     fn range(&mut self, lo: f64, hi: f64) -> f64 {
@@ -40,7 +43,9 @@ fn random_case(seed: u64, cfg: &GrpoConfig) -> Case {
             loop {
                 let lr: f64 = r.range(-0.7, 0.47);
                 let ratio = lr.exp();
-                if (ratio - (1.0 - cfg.eps_low)).abs() > 1e-3 && (ratio - (1.0 + cfg.eps_high)).abs() > 1e-3 {
+                if (ratio - (1.0 - cfg.eps_low)).abs() > 1e-3
+                    && (ratio - (1.0 + cfg.eps_high)).abs() > 1e-3
+                {
                     old[k] = logp[k] - lr;
                     break;
                 }
@@ -49,7 +54,15 @@ fn random_case(seed: u64, cfg: &GrpoConfig) -> Case {
         }
     }
     let adv = vec![1.3, -0.7, 0.4, -1.1];
-    Case { n, l, logp, old, refp, mask, adv }
+    Case {
+        n,
+        l,
+        logp,
+        old,
+        refp,
+        mask,
+        adv,
+    }
 }
 
 fn loss_at(cfg: &GrpoConfig, c: &Case, logp: &[f64]) -> f64 {
@@ -70,13 +83,23 @@ fn loss_at(cfg: &GrpoConfig, c: &Case, logp: &[f64]) -> f64 {
 
 #[test]
 fn grpo_gradient_matches_finite_differences() {
-    let aggs = [Aggregation::SeqMeanTokenMean, Aggregation::TokenMean, Aggregation::DrGrpo { max_len: 8 }];
+    let aggs = [
+        Aggregation::SeqMeanTokenMean,
+        Aggregation::TokenMean,
+        Aggregation::DrGrpo { max_len: 8 },
+    ];
     let kls = [KlEstimator::K1, KlEstimator::K2, KlEstimator::K3];
     let mut checked = 0;
     for (ai, agg) in aggs.iter().enumerate() {
         for (ki, kl) in kls.iter().enumerate() {
             for &(beta, eps_high) in &[(0.0, 0.2), (0.04, 0.28), (0.5, 0.2)] {
-                let cfg = GrpoConfig { aggregation: *agg, kl: *kl, beta, eps_high, ..Default::default() };
+                let cfg = GrpoConfig {
+                    aggregation: *agg,
+                    kl: *kl,
+                    beta,
+                    eps_high,
+                    ..Default::default()
+                };
                 let c = random_case(1 + (ai * 9 + ki * 3) as u64, &cfg);
                 let out = grpo_loss(
                     &cfg,
@@ -105,7 +128,10 @@ fn grpo_gradient_matches_finite_differences() {
                     let dn = loss_at(&cfg, &c, &p);
                     let fd = (up - dn) / (2.0 * h);
                     let g = out.grad_logp[k];
-                    assert!((fd - g).abs() < 1e-7, "{cfg:?} token {k}: analytic {g} vs fd {fd}");
+                    assert!(
+                        (fd - g).abs() < 1e-7,
+                        "{cfg:?} token {k}: analytic {g} vs fd {fd}"
+                    );
                     if !c.mask[k] {
                         assert_eq!(g, 0.0);
                     }
@@ -128,7 +154,10 @@ fn grpo_hand_computed_clipping_and_kl() {
     let refp = vec![-2.0; 4];
     let mask = vec![true; 4];
     let adv = vec![1.0, -1.0];
-    let cfg = GrpoConfig { beta: 0.1, ..Default::default() };
+    let cfg = GrpoConfig {
+        beta: 0.1,
+        ..Default::default()
+    };
     let out = grpo_loss(
         &cfg,
         &GrpoBatch {
@@ -157,11 +186,17 @@ fn grpo_hand_computed_clipping_and_kl() {
         assert!((g - w).abs() < 1e-12, "{g} vs {w}");
     }
     let s = &out.stats;
-    assert_eq!((s.clip_low_frac, s.clip_high_frac, s.clip_frac), (0.25, 0.25, 0.5));
+    assert_eq!(
+        (s.clip_low_frac, s.clip_high_frac, s.clip_frac),
+        (0.25, 0.25, 0.5)
+    );
     assert!((s.kl_mean - kl).abs() < 1e-12);
     assert_eq!(s.entropy_mean, Some(1.25));
     assert!((s.ratio_mean - 1.0).abs() < 1e-12);
-    assert_eq!((s.n_seqs, s.n_tokens, s.len_min, s.len_max, s.len_mean), (2, 4, 2, 2, 2.0));
+    assert_eq!(
+        (s.n_seqs, s.n_tokens, s.len_min, s.len_max, s.len_mean),
+        (2, 4, 2, 2, 2.0)
+    );
     assert!((s.pg_loss + 0.1 * s.kl_loss - out.loss).abs() < 1e-12);
 }
 
@@ -174,15 +209,32 @@ fn advantages_sample_std_and_variants() {
         assert!((x - s * want).abs() < 1e-12);
     }
     // Two interleaved groups, one all equal; no std normalisation.
-    let a = group_advantages(&[2.0, 1.0, 0.0, 1.0, 1.0, 1.0], &[7, 3, 7, 3, 7, 3], false, false).unwrap();
+    let a = group_advantages(
+        &[2.0, 1.0, 0.0, 1.0, 1.0, 1.0],
+        &[7, 3, 7, 3, 7, 3],
+        false,
+        false,
+    )
+    .unwrap();
     assert_eq!(a.advantages, vec![1.0, 0.0, -1.0, 0.0, 0.0, 0.0]);
     assert_eq!(a.keep, vec![true; 6]);
     // Dynamic sampling drops group 3.
-    let a = group_advantages(&[2.0, 1.0, 0.0, 1.0, 1.0, 1.0], &[7, 3, 7, 3, 7, 3], false, true).unwrap();
+    let a = group_advantages(
+        &[2.0, 1.0, 0.0, 1.0, 1.0, 1.0],
+        &[7, 3, 7, 3, 7, 3],
+        false,
+        true,
+    )
+    .unwrap();
     assert_eq!(a.keep, vec![true, false, true, false, true, false]);
     assert_eq!(a.dropped_groups, 1);
     // Group of one: std undefined → advantage 0.
-    assert_eq!(group_advantages(&[5.0], &[0], true, false).unwrap().advantages, vec![0.0]);
+    assert_eq!(
+        group_advantages(&[5.0], &[0], true, false)
+            .unwrap()
+            .advantages,
+        vec![0.0]
+    );
     assert!(group_advantages(&[1.0], &[0, 1], true, false).is_err());
 }
 
@@ -215,7 +267,11 @@ fn aggregations_ratio_one() {
     let logp = vec![-1.0; 8];
     let mask = vec![true, false, false, false, true, true, true, false];
     let adv = vec![2.0, -1.0];
-    let cfg = |agg| GrpoConfig { beta: 0.0, aggregation: agg, ..Default::default() };
+    let cfg = |agg| GrpoConfig {
+        beta: 0.0,
+        aggregation: agg,
+        ..Default::default()
+    };
     let b = batch(2, 4, &logp, &mask, &adv, None, None);
     // seq-mean-token-mean: mean(−2, 1) = −0.5
     let o = grpo_loss(&cfg(Aggregation::SeqMeanTokenMean), &b).unwrap();
@@ -230,24 +286,60 @@ fn aggregations_ratio_one() {
     assert!((o.grad_logp[5] - 1.0 / 20.0).abs() < 1e-12);
     // keep=false drops the second sequence entirely.
     let keep = [true, false];
-    let o = grpo_loss(&cfg(Aggregation::TokenMean), &batch(2, 4, &logp, &mask, &adv, Some(&keep), None)).unwrap();
+    let o = grpo_loss(
+        &cfg(Aggregation::TokenMean),
+        &batch(2, 4, &logp, &mask, &adv, Some(&keep), None),
+    )
+    .unwrap();
     assert!((o.loss + 2.0).abs() < 1e-12);
     assert_eq!(o.grad_logp[4], 0.0);
     assert_eq!((o.stats.n_seqs, o.stats.n_tokens), (1, 1));
     // zero-advantage fraction
-    let o = grpo_loss(&cfg(Aggregation::TokenMean), &batch(2, 4, &logp, &mask, &[0.0, 1.0], None, None)).unwrap();
+    let o = grpo_loss(
+        &cfg(Aggregation::TokenMean),
+        &batch(2, 4, &logp, &mask, &[0.0, 1.0], None, None),
+    )
+    .unwrap();
     assert_eq!(o.stats.zero_adv_frac, 0.5);
 }
 
 #[test]
 fn micro_batches_with_global_denominator_sum_to_full_batch() {
-    let cfg = GrpoConfig { aggregation: Aggregation::TokenMean, beta: 0.0, ..Default::default() };
+    let cfg = GrpoConfig {
+        aggregation: Aggregation::TokenMean,
+        beta: 0.0,
+        ..Default::default()
+    };
     let c = random_case(42, &cfg);
     let full = grpo_loss(&cfg, &batch(4, c.l, &c.logp, &c.mask, &c.adv, None, None)).unwrap();
     let tokens = full.stats.n_tokens as f64;
     let h = 2 * c.l;
-    let a = grpo_loss(&cfg, &batch(2, c.l, &c.logp[..h], &c.mask[..h], &c.adv[..2], None, Some(tokens))).unwrap();
-    let b = grpo_loss(&cfg, &batch(2, c.l, &c.logp[h..], &c.mask[h..], &c.adv[2..], None, Some(tokens))).unwrap();
+    let a = grpo_loss(
+        &cfg,
+        &batch(
+            2,
+            c.l,
+            &c.logp[..h],
+            &c.mask[..h],
+            &c.adv[..2],
+            None,
+            Some(tokens),
+        ),
+    )
+    .unwrap();
+    let b = grpo_loss(
+        &cfg,
+        &batch(
+            2,
+            c.l,
+            &c.logp[h..],
+            &c.mask[h..],
+            &c.adv[2..],
+            None,
+            Some(tokens),
+        ),
+    )
+    .unwrap();
     assert!((a.loss + b.loss - full.loss).abs() < 1e-12);
     let joined: Vec<f64> = a.grad_logp.iter().chain(&b.grad_logp).copied().collect();
     for (x, y) in joined.iter().zip(&full.grad_logp) {
@@ -263,13 +355,30 @@ fn grpo_input_errors() {
     let e = grpo_loss(&cfg, &batch(2, 2, &logp, &mask, &[1.0, 0.0], None, None)).unwrap_err();
     assert_eq!(e, GrpoError::MissingRef(0.04));
     let e = grpo_loss(&cfg, &batch(2, 2, &logp, &mask, &[1.0], None, None)).unwrap_err();
-    assert!(matches!(e, GrpoError::Shape { name: "advantages", .. }));
+    assert!(matches!(
+        e,
+        GrpoError::Shape {
+            name: "advantages",
+            ..
+        }
+    ));
     let e = grpo_loss(&cfg, &batch(3, 2, &logp, &mask, &[1.0; 3], None, None)).unwrap_err();
     assert!(matches!(e, GrpoError::Shape { name: "logp", .. }));
-    let bad = GrpoConfig { beta: 0.0, aggregation: Aggregation::DrGrpo { max_len: 0 }, ..Default::default() };
-    assert!(matches!(grpo_loss(&bad, &batch(2, 2, &logp, &mask, &[1.0, 0.0], None, None)), Err(GrpoError::Config(_))));
+    let bad = GrpoConfig {
+        beta: 0.0,
+        aggregation: Aggregation::DrGrpo { max_len: 0 },
+        ..Default::default()
+    };
+    assert!(matches!(
+        grpo_loss(&bad, &batch(2, 2, &logp, &mask, &[1.0, 0.0], None, None)),
+        Err(GrpoError::Config(_))
+    ));
     // Empty batch: zero loss, no NaN.
-    let o = grpo_loss(&GrpoConfig { beta: 0.0, ..cfg }, &batch(2, 2, &logp, &[false; 4], &[1.0, 0.0], None, None)).unwrap();
+    let o = grpo_loss(
+        &GrpoConfig { beta: 0.0, ..cfg },
+        &batch(2, 2, &logp, &[false; 4], &[1.0, 0.0], None, None),
+    )
+    .unwrap();
     assert_eq!(o.loss, 0.0);
     assert!(o.stats.len_mean == 0.0 && o.stats.clip_frac == 0.0);
 }
@@ -326,7 +435,11 @@ fn cross_entropy_values_and_gradient() {
         let up = ce_loss(&p, v, &labels);
         p[k] -= 2.0 * h;
         let fd = (up - ce_loss(&p, v, &labels)) / (2.0 * h);
-        assert!((fd - o.grad_logits[k]).abs() < 1e-8, "logit {k}: {} vs {fd}", o.grad_logits[k]);
+        assert!(
+            (fd - o.grad_logits[k]).abs() < 1e-8,
+            "logit {k}: {} vs {fd}",
+            o.grad_logits[k]
+        );
     }
     // Ignored rows have zero gradient; each labelled row's gradient sums to 0.
     assert!(o.grad_logits[v..2 * v].iter().all(|g| *g == 0.0));
@@ -345,9 +458,30 @@ fn cross_entropy_values_and_gradient() {
 
 #[test]
 fn cross_entropy_errors() {
-    assert_eq!(cross_entropy(&[0.0f32; 5], 2, &[0, 1], None).unwrap_err(), SftError::Shape { got: 5, rows: 2, vocab: 2 });
-    assert_eq!(cross_entropy(&[0.0f32; 4], 2, &[0, 2], None).unwrap_err(), SftError::Label { row: 1, label: 2, vocab: 2 });
-    assert_eq!(cross_entropy(&[0.0f32; 4], 2, &[0, -5], None).unwrap_err(), SftError::Label { row: 1, label: -5, vocab: 2 });
+    assert_eq!(
+        cross_entropy(&[0.0f32; 5], 2, &[0, 1], None).unwrap_err(),
+        SftError::Shape {
+            got: 5,
+            rows: 2,
+            vocab: 2
+        }
+    );
+    assert_eq!(
+        cross_entropy(&[0.0f32; 4], 2, &[0, 2], None).unwrap_err(),
+        SftError::Label {
+            row: 1,
+            label: 2,
+            vocab: 2
+        }
+    );
+    assert_eq!(
+        cross_entropy(&[0.0f32; 4], 2, &[0, -5], None).unwrap_err(),
+        SftError::Label {
+            row: 1,
+            label: -5,
+            vocab: 2
+        }
+    );
     let o = cross_entropy(&[0.0f32; 4], 2, &[IGNORE_INDEX, IGNORE_INDEX], None).unwrap();
     assert_eq!((o.loss, o.tokens), (0.0, 0));
 }
@@ -355,7 +489,11 @@ fn cross_entropy_errors() {
 #[test]
 fn assistant_mask_multi_turn() {
     // ids: 1 = <|im_start|>, 2 = <|im_end|>, 11 = "\n", 10 = "assistant", 20 = "user", 30 = "system".
-    let tok = ChatTokens { im_start: 1, im_end: 2, assistant_header: vec![10, 11] };
+    let tok = ChatTokens {
+        im_start: 1,
+        im_end: 2,
+        assistant_header: vec![10, 11],
+    };
     #[rustfmt::skip]
     let ids = [
         1, 30, 11, 5, 2, 11,            // system
@@ -366,7 +504,12 @@ fn assistant_mask_multi_turn() {
         1, 10, 11, 50, 51,              // truncated assistant 3
     ];
     let m = assistant_mask(&ids, &tok);
-    let on: Vec<usize> = m.iter().enumerate().filter(|(_, b)| **b).map(|(i, _)| i).collect();
+    let on: Vec<usize> = m
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b)
+        .map(|(i, _)| i)
+        .collect();
     assert_eq!(on, vec![17, 18, 19, 30, 31, 36, 37]);
     assert_eq!(ids[19], 2); // the closing <|im_end|> is trained
     assert!(!m[20]); // the newline after it is not
@@ -377,5 +520,79 @@ fn assistant_mask_multi_turn() {
     assert_eq!(shift_labels(&[5, 6]), vec![6, IGNORE_INDEX]);
     assert!(shift_labels(&[]).is_empty());
     // Empty assistant turn: only its <|im_end|>.
-    assert_eq!(assistant_mask(&[1, 10, 11, 2, 11], &tok), vec![false, false, false, true, false]);
+    assert_eq!(
+        assistant_mask(&[1, 10, 11, 2, 11], &tok),
+        vec![false, false, false, true, false]
+    );
+}
+
+#[test]
+fn token_logprobs_values_and_backward() {
+    let v = 5;
+    // Uniform logits: logp = −ln V and entropy = ln V at any temperature.
+    let (lp, ent) = token_logprobs(&[0.0f64; 10], v, &[1, 4], 0.7).unwrap();
+    for (a, b) in lp.iter().zip(&ent) {
+        assert!((a + (v as f64).ln()).abs() < 1e-14 && (b - (v as f64).ln()).abs() < 1e-14);
+    }
+    let mut r = Lcg(11);
+    let targets = [2u32, 0, 4, 3];
+    let logits: Vec<f64> = (0..targets.len() * v).map(|_| r.range(-3.0, 3.0)).collect();
+    // At T = 1, logp = −(per-token cross-entropy).
+    let (lp, _) = token_logprobs(&logits, v, &targets, 1.0).unwrap();
+    for (k, &t) in targets.iter().enumerate() {
+        let ce = cross_entropy(&logits[k * v..(k + 1) * v], v, &[t as i64], None)
+            .unwrap()
+            .loss;
+        assert!((lp[k] + ce).abs() < 1e-13);
+    }
+    // Probabilities of all targets of a row sum to 1.
+    let row = &logits[..v];
+    let total: f64 = (0..v as u32)
+        .map(|t| token_logprobs(row, v, &[t], 0.9).unwrap().0[0].exp())
+        .sum();
+    assert!((total - 1.0).abs() < 1e-13);
+    // Entropy against its definition −Σ p log p.
+    let (_, ent) = token_logprobs(row, v, &[0], 0.9).unwrap();
+    let h: f64 = (0..v as u32)
+        .map(|t| {
+            let l = token_logprobs(row, v, &[t], 0.9).unwrap().0[0];
+            -l.exp() * l
+        })
+        .sum();
+    assert!((ent[0] - h).abs() < 1e-13);
+
+    // Backward of L = Σ w_r logp_r against central differences (h = 1e-6, bound as for GRPO).
+    let temp = 0.9;
+    let w = [0.3, -1.2, 0.0, 2.0];
+    let loss = |x: &[f64]| -> f64 {
+        token_logprobs(x, v, &targets, temp)
+            .unwrap()
+            .0
+            .iter()
+            .zip(w)
+            .map(|(l, w)| l * w)
+            .sum()
+    };
+    let g = token_logprobs_backward(&logits, v, &targets, temp, &w).unwrap();
+    for k in 0..logits.len() {
+        let mut p = logits.clone();
+        p[k] += 1e-6;
+        let up = loss(&p);
+        p[k] -= 2e-6;
+        let fd = (up - loss(&p)) / 2e-6;
+        assert!((fd - g[k]).abs() < 1e-8, "logit {k}: {} vs {fd}", g[k]);
+    }
+    assert_eq!(
+        token_logprobs(&[0.0f32; 4], 2, &[2, 0], 1.0).unwrap_err(),
+        LogprobError::Target {
+            row: 0,
+            target: 2,
+            vocab: 2
+        }
+    );
+    assert_eq!(
+        token_logprobs(&[0.0f32; 4], 2, &[0, 0], 0.0).unwrap_err(),
+        LogprobError::Temperature(0.0)
+    );
+    assert!(token_logprobs_backward(&[0.0f32; 4], 2, &[0, 0], 1.0, &[1.0]).is_err());
 }

@@ -10,17 +10,44 @@ fn adamw_three_steps_hand_computed_f64() {
     // evaluated by hand in f64 for lr 0.1, wd 0.01, β (0.9, 0.999), ε 1e-8. Step 1 in closed form:
     // p = 1·(1 − 0.001) − 0.1·0.5/(0.5 + 1e-8) = 0.899000002.
     let expected = [
-        (1.0, [0.5, -0.25, 0.125], 0.01, [0.899000002, 0.8714672987058463, 0.8365529176159483]),
-        (-2.0, [0.1, 0.2, -0.3], 0.01, [-2.097999990000001, -2.1924201864887465, -2.1835678650525607]),
-        (-2.0, [0.1, 0.2, -0.3], 0.0, [-2.099999990000001, -2.196518186478747, -2.18985828522905]),
+        (
+            1.0,
+            [0.5, -0.25, 0.125],
+            0.01,
+            [0.899000002, 0.8714672987058463, 0.8365529176159483],
+        ),
+        (
+            -2.0,
+            [0.1, 0.2, -0.3],
+            0.01,
+            [-2.097999990000001, -2.1924201864887465, -2.1835678650525607],
+        ),
+        (
+            -2.0,
+            [0.1, 0.2, -0.3],
+            0.0,
+            [-2.099999990000001, -2.196518186478747, -2.18985828522905],
+        ),
     ];
     for (p0, gs, wd, want) in expected {
-        let h = AdamWHyper { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: wd };
+        let h = AdamWHyper {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: wd,
+        };
         let (mut p, mut m, mut v) = ([p0], [0.0f64], [0.0f64]);
         for (i, g) in gs.iter().enumerate() {
             adamw_update(&mut p, &[*g], &mut m, &mut v, i as u64 + 1, &h);
             // Same formula, different association order: a few ulps.
-            assert!((p[0] - want[i]).abs() < 1e-14, "step {}: {} vs {}", i + 1, p[0], want[i]);
+            assert!(
+                (p[0] - want[i]).abs() < 1e-14,
+                "step {}: {} vs {}",
+                i + 1,
+                p[0],
+                want[i]
+            );
         }
     }
 }
@@ -28,13 +55,25 @@ fn adamw_three_steps_hand_computed_f64() {
 #[test]
 fn adamw_optimizer_groups_and_f32_master() {
     let mut params = TensorMap::new();
-    params.insert("model.layers.0.mlp.up_proj.weight".into(), t(&[2], &[1.0, -2.0]));
-    params.insert("model.layers.0.self_attn.q_proj.bias".into(), t(&[1], &[-2.0]));
-    params.insert("model.layers.0.input_layernorm.weight".into(), t(&[1], &[1.0]));
+    params.insert(
+        "model.layers.0.mlp.up_proj.weight".into(),
+        t(&[2], &[1.0, -2.0]),
+    );
+    params.insert(
+        "model.layers.0.self_attn.q_proj.bias".into(),
+        t(&[1], &[-2.0]),
+    );
+    params.insert(
+        "model.layers.0.input_layernorm.weight".into(),
+        t(&[1], &[1.0]),
+    );
     params.insert("visual.merger.ln_q.weight".into(), t(&[1], &[1.0]));
     params.insert("frozen.weight".into(), t(&[1], &[3.0]));
     let mut opt = AdamW::new(AdamWConfig::default()).unwrap();
-    assert_eq!(opt.group_of("model.layers.0.self_attn.q_proj.bias").0, "no_decay");
+    assert_eq!(
+        opt.group_of("model.layers.0.self_attn.q_proj.bias").0,
+        "no_decay"
+    );
     assert_eq!(opt.group_of("model.norm.weight").0, "no_decay");
     assert_eq!(opt.group_of("visual.blocks.3.norm1.weight").0, "no_decay");
     assert_eq!(opt.group_of("visual.merger.ln_q.weight").0, "no_decay");
@@ -43,8 +82,14 @@ fn adamw_optimizer_groups_and_f32_master() {
     for s in steps {
         let mut grads = TensorMap::new();
         grads.insert("model.layers.0.mlp.up_proj.weight".into(), t(&[2], &s));
-        grads.insert("model.layers.0.self_attn.q_proj.bias".into(), t(&[1], &[s[1]]));
-        grads.insert("model.layers.0.input_layernorm.weight".into(), t(&[1], &[0.0]));
+        grads.insert(
+            "model.layers.0.self_attn.q_proj.bias".into(),
+            t(&[1], &[s[1]]),
+        );
+        grads.insert(
+            "model.layers.0.input_layernorm.weight".into(),
+            t(&[1], &[0.0]),
+        );
         opt.step(&mut params, &grads, 0.1).unwrap();
     }
     // f32 storage: within f32 rounding (rel 1e-6 over three steps) of the f64 oracle above.
@@ -52,7 +97,10 @@ fn adamw_optimizer_groups_and_f32_master() {
     assert!((w[0] as f64 - 0.8365529176159483).abs() < 1e-6);
     assert!((w[1] as f64 - -2.1835678650525607).abs() < 1e-6);
     // The bias is in the no-decay group.
-    assert!((params["model.layers.0.self_attn.q_proj.bias"].data[0] as f64 - -2.18985828522905).abs() < 1e-6);
+    assert!(
+        (params["model.layers.0.self_attn.q_proj.bias"].data[0] as f64 - -2.18985828522905).abs()
+            < 1e-6
+    );
     // Zero gradient, no decay: unchanged.
     assert_eq!(params["model.layers.0.input_layernorm.weight"].data[0], 1.0);
     // No gradient: untouched and no state.
@@ -75,16 +123,34 @@ fn adamw_errors_leave_state_untouched() {
     assert_eq!(params["a"].data, vec![1.0, 2.0]);
     assert!(opt.state.is_empty());
     grads.insert("b".into(), t(&[2], &[0.0, 0.0]));
-    assert!(matches!(opt.step(&mut params, &grads, 0.1), Err(OptimError::Shape { .. })));
+    assert!(matches!(
+        opt.step(&mut params, &grads, 0.1),
+        Err(OptimError::Shape { .. })
+    ));
     grads.insert("b".into(), t(&[1], &[0.0]));
     grads.insert("c".into(), t(&[1], &[0.0]));
-    assert!(matches!(opt.step(&mut params, &grads, 0.1), Err(OptimError::UnknownGrad(_))));
+    assert!(matches!(
+        opt.step(&mut params, &grads, 0.1),
+        Err(OptimError::UnknownGrad(_))
+    ));
     let bad = AdamWConfig {
-        groups: vec![GroupSpec { name: "x".into(), patterns: vec!["(".into()], weight_decay: 0.0, lr_scale: 1.0 }],
+        groups: vec![GroupSpec {
+            name: "x".into(),
+            patterns: vec!["(".into()],
+            weight_decay: 0.0,
+            lr_scale: 1.0,
+        }],
         ..Default::default()
     };
-    assert!(AdamW::new(bad).unwrap_err().to_string().contains("group `x`"));
-    assert!(AdamW::new(AdamWConfig { beta2: 1.0, ..Default::default() }).is_err());
+    assert!(AdamW::new(bad)
+        .unwrap_err()
+        .to_string()
+        .contains("group `x`"));
+    assert!(AdamW::new(AdamWConfig {
+        beta2: 1.0,
+        ..Default::default()
+    })
+    .is_err());
 }
 
 #[test]
@@ -141,8 +207,13 @@ fn schedules_match_hf_lambdas() {
     assert!((s.lr(mid) - want).abs() < 1e-20);
     assert!(s.lr(100).abs() < 1e-20);
     assert!(s.lr(1000).abs() < 1e-20); // past the end: stays at the floor
-    // Ratio rounding up: 0.05·30 = 1.5 → 2.
-    assert_eq!(Schedule::new(ScheduleKind::Cosine, 1.0, 30, Warmup::Ratio(0.05)).unwrap().warmup_steps, 2);
+                                       // Ratio rounding up: 0.05·30 = 1.5 → 2.
+    assert_eq!(
+        Schedule::new(ScheduleKind::Cosine, 1.0, 30, Warmup::Ratio(0.05))
+            .unwrap()
+            .warmup_steps,
+        2
+    );
 
     let l = Schedule::new(ScheduleKind::Linear, 2.0, 10, Warmup::Steps(2)).unwrap();
     let got: Vec<f64> = (0..11).map(|i| l.lr(i)).collect();
@@ -155,8 +226,14 @@ fn schedules_match_hf_lambdas() {
     let c0 = Schedule::new(ScheduleKind::Constant, 3.0, 10, Warmup::Steps(0)).unwrap();
     assert_eq!(c0.lr(0), 3.0);
     // Floor.
-    let f = Schedule::new(ScheduleKind::Linear, 1.0, 10, Warmup::Steps(0)).unwrap().with_min_lr_ratio(0.1).unwrap();
+    let f = Schedule::new(ScheduleKind::Linear, 1.0, 10, Warmup::Steps(0))
+        .unwrap()
+        .with_min_lr_ratio(0.1)
+        .unwrap();
     assert!((f.lr(10) - 0.1).abs() < 1e-12 && (f.lr(5) - 0.55).abs() < 1e-12);
-    assert_eq!(Schedule::new(ScheduleKind::Linear, 1.0, 10, Warmup::Ratio(1.5)).unwrap_err(), ScheduleError::Ratio(1.5));
+    assert_eq!(
+        Schedule::new(ScheduleKind::Linear, 1.0, 10, Warmup::Ratio(1.5)).unwrap_err(),
+        ScheduleError::Ratio(1.5)
+    );
     assert!(Schedule::new(ScheduleKind::Linear, f64::NAN, 10, Warmup::Steps(0)).is_err());
 }
