@@ -1,1 +1,34 @@
-//! Communicator trait: TCP ring all-reduce on CPU, NCCL on GPU
+//! Communication layer of onevision trainer ranks and rollout workers.
+//!
+//! - [`Communicator`]: collectives between data-parallel trainer ranks. [`TcpRingCommunicator`]
+//!   is the CPU implementation (ring all-reduce between processes over TCP, deterministic, with
+//!   timeouts), [`LocalCommunicator`] serves a world of one. NCCL goes behind the `cuda` feature
+//!   (see `nccl.rs`).
+//! - [`coordinator`]: the gRPC coordinator hosted by trainer rank 0 (rendezvous, heartbeats,
+//!   step barrier, progress, shutdown, rollout registry) and its retrying client.
+//! - [`weights`]: chunking and validating `UpdateWeights` streams.
+//! - [`health`]: `grpc.health.v1` checks.
+
+mod communicator;
+pub mod coordinator;
+mod error;
+pub mod health;
+#[cfg(feature = "cuda")]
+pub mod nccl;
+mod ring;
+pub mod weights;
+
+pub use communicator::{shard_len, Communicator, LocalCommunicator};
+pub use error::CommError;
+pub use ring::{ring_segment, ring_sum_order, RingConfig, TcpRingCommunicator};
+
+/// The communicator for a rank: local for a world of one, otherwise a TCP ring on `listener`.
+pub fn connect_cpu(
+    config: RingConfig,
+    listener: std::net::TcpListener,
+) -> Result<Box<dyn Communicator>, CommError> {
+    if config.world_size == 1 {
+        return Ok(Box::new(LocalCommunicator));
+    }
+    Ok(Box::new(TcpRingCommunicator::connect_with_listener(config, listener)?))
+}
