@@ -15,7 +15,9 @@ pub mod sampler;
 pub use bench::read_bench_tsv;
 pub use dataset::Dataset;
 pub use rows::{parse_row, RowFormat};
-pub use sampler::{epoch_batches, epoch_order, BatchCursor, Batching, Position, ShardConfig};
+pub use sampler::{
+    cu_seqlens, epoch_batches, epoch_order, BatchCursor, Batching, Position, ShardConfig,
+};
 
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -62,6 +64,17 @@ impl Sample {
             .map(|m| m.content.chars().count())
             .sum()
     }
+    /// The prompt for generation (GRPO rollouts): the messages before the last assistant turn.
+    /// Images stay attached, since the prompt keeps every user turn.
+    pub fn prompt_messages(&self) -> &[Message] {
+        let end = self
+            .messages
+            .iter()
+            .rposition(|m| m.role == "assistant")
+            .unwrap_or(self.messages.len());
+        &self.messages[..end]
+    }
+
     pub fn placeholder_count(&self) -> usize {
         self.messages
             .iter()

@@ -55,6 +55,42 @@ pub enum Batching {
     /// and pack so that `batch_len · longest ≤ max_tokens` (the padded size). A sample longer than
     /// `max_tokens` forms a batch alone. Batch order is shuffled again so long ones are not first.
     ByTokens { max_tokens: usize, window: usize },
+    /// Packing: within windows of `window` samples, first-fit-decreasing into packs whose summed
+    /// length is ≤ `max_tokens` (one row of concatenated samples, no padding; the model must keep
+    /// attention within each sample, see [`cu_seqlens`]). An over-long sample is packed alone.
+    Packed { max_tokens: usize, window: usize },
+}
+
+/// Cumulative sequence boundaries `[0, l0, l0+l1, …]` of a pack, for varlen attention that must not
+/// cross samples.
+pub fn cu_seqlens(lengths: &[usize]) -> Vec<usize> {
+    let mut out = Vec::with_capacity(lengths.len() + 1);
+    out.push(0);
+    for l in lengths {
+        out.push(out.last().copied().unwrap_or(0) + l);
+    }
+    out
+}
+
+fn pack(order: &[usize], lengths: &[usize], max_tokens: usize, window: usize) -> Vec<Vec<usize>> {
+    let mut packs = Vec::new();
+    for chunk in order.chunks(window) {
+        let mut w = chunk.to_vec();
+        w.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+        let mut bins: Vec<(usize, Vec<usize>)> = Vec::new();
+        for i in w {
+            let l = lengths[i];
+            match bins.iter_mut().find(|(used, _)| used + l <= max_tokens) {
+                Some((used, items)) => {
+                    *used += l;
+                    items.push(i);
+                }
+                None => bins.push((l, vec![i])),
+            }
+        }
+        packs.extend(bins.into_iter().map(|(_, items)| items));
+    }
+    packs
 }
 
 /// RNG for (seed, epoch, stream): one independent ChaCha8 stream per purpose.
@@ -146,7 +182,7 @@ pub fn epoch_batches(
             }
             Ok(b)
         }
-        Batching::ByTokens { max_tokens, window } => {
+        Batching::ByTokens { max_tokens, window } | Batching::Packed { max_tokens, window } => {
             let lengths = lengths.ok_or_else(|| {
                 DataError::Config("token batching needs per-sample lengths".into())
             })?;
@@ -164,7 +200,11 @@ pub fn epoch_batches(
             let mut mine = Vec::new();
             let mut min_count = usize::MAX;
             for r in 0..cfg.world_size {
-                let mut b = bucket(&order_for(n, epoch, cfg, r), lengths, max_tokens, window);
+                let order = order_for(n, epoch, cfg, r);
+                let mut b = match batching {
+                    Batching::Packed { .. } => pack(&order, lengths, max_tokens, window),
+                    _ => bucket(&order, lengths, max_tokens, window),
+                };
                 if cfg.shuffle {
                     shuffle(&mut b, &mut rng(cfg.seed, epoch, 1 + r as u64));
                 }

@@ -430,3 +430,30 @@ fn r1_onevision_parquet() {
         .to_string()
         .contains("not a readable parquet file"));
 }
+
+#[test]
+fn prompt_messages_drop_the_last_answer() {
+    let m = |r: &str, c: &str| Message {
+        role: r.into(),
+        content: c.into(),
+    };
+    let s = Sample {
+        id: "x".into(),
+        messages: vec![
+            m("system", "s"),
+            m("user", "q1"),
+            m("assistant", "a1"),
+            m("user", "q2"),
+            m("assistant", "a2"),
+        ],
+        images: vec![],
+        answer: None,
+        meta: serde_json::Value::Null,
+    };
+    assert_eq!(s.prompt_messages(), &s.messages[..4]);
+    let q = Sample {
+        messages: vec![m("user", "q")],
+        ..s.clone()
+    };
+    assert_eq!(q.prompt_messages(), &q.messages[..]);
+}

@@ -154,6 +154,10 @@ fn cursor_resumes_exactly_across_epochs() {
             max_tokens: 20,
             window: 16,
         },
+        Batching::Packed {
+            max_tokens: 20,
+            window: 16,
+        },
     ] {
         let mut a = BatchCursor::new(
             50,
@@ -190,4 +194,37 @@ fn cursor_resumes_exactly_across_epochs() {
     )
     .unwrap();
     assert!(c.next_batch().is_err());
+}
+
+#[test]
+fn packing_fills_rows_without_crossing_budget() {
+    let n = 120;
+    let lengths: Vec<usize> = (0..n).map(|i| 5 + (i * 53) % 200).collect();
+    let batching = Batching::Packed {
+        max_tokens: 512,
+        window: 40,
+    };
+    let mut seen = BTreeSet::new();
+    let mut counts = Vec::new();
+    for r in 0..2 {
+        let packs = epoch_batches(n, Some(&lengths), 0, &cfg(4, r, 2), &batching).unwrap();
+        counts.push(packs.len());
+        for p in &packs {
+            let total: usize = p.iter().map(|&i| lengths[i]).sum();
+            assert!(total <= 512, "pack {p:?} has {total} tokens");
+            for &i in p {
+                assert!(seen.insert(i));
+            }
+        }
+        // First-fit-decreasing packs densely: average fill above 80% of the budget.
+        let used: usize = packs.iter().flatten().map(|&i| lengths[i]).sum();
+        assert!(
+            used as f64 > 0.8 * 512.0 * packs.len() as f64,
+            "{used} tokens in {} packs",
+            packs.len()
+        );
+    }
+    assert_eq!(counts[0], counts[1]);
+    assert_eq!(cu_seqlens(&[3, 5, 2]), vec![0, 3, 8, 10]);
+    assert_eq!(cu_seqlens(&[]), vec![0]);
 }
