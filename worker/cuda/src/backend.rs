@@ -139,6 +139,7 @@ impl CudaBackend {
         self.lt.gemm(g, a, b, c).map_err(me)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn copy2d(&self, dtype: DType, src: u64, src_ld: usize, dst: u64, dst_ld: usize, rows: usize, cols: usize) -> Result<()> {
         if rows == 0 || cols == 0 {
             return Ok(());
@@ -629,7 +630,7 @@ impl Backend for CudaBackend {
             return shape_err("gather_rows", "x must have rank >= 1".into());
         }
         let n = x.dim(0);
-        let row = if n == 0 { 0 } else { x.numel() / n };
+        let row = x.numel().checked_div(n).unwrap_or(0);
         let im = self.idx("gather_rows", idx, n)?;
         let mut shape = x.shape().to_vec();
         shape[0] = idx.len();
@@ -664,7 +665,7 @@ impl Backend for CudaBackend {
             return shape_err("scatter_rows", format!("x {:?}, src {:?}, {} rows", x.shape(), src.shape(), rows.len()));
         }
         let n = x.dim(0);
-        let row = if n == 0 { 0 } else { x.numel() / n };
+        let row = x.numel().checked_div(n).unwrap_or(0);
         let im = self.idx("scatter_rows", rows, n)?;
         let si = self.as_dtype(src, x.dtype(), "scatter_rows")?;
         let (y, yp) = self.empty(x.shape(), x.dtype())?;
@@ -682,7 +683,7 @@ impl Backend for CudaBackend {
             return shape_err("scatter_rows_backward", "dy must have rank >= 1".into());
         }
         let n = dy.dim(0);
-        let row = if n == 0 { 0 } else { dy.numel() / n };
+        let row = dy.numel().checked_div(n).unwrap_or(0);
         let im = self.idx("scatter_rows_backward", rows, n)?;
         let di = self.bf(dy, "scatter_rows_backward")?;
         let (dx, dxp) = self.empty(dy.shape(), DType::BF16)?;
@@ -775,8 +776,8 @@ impl CudaBackend {
         }
         let d = x.last_dim();
         let h = x.dim(x.rank() - 2);
-        let rows = if h * d == 0 { 0 } else { x.numel() / (h * d) };
-        if d % 2 != 0 || d / 2 > 1024 || cos.shape() != [rows, d] || sin.shape() != [rows, d] {
+        let rows = x.numel().checked_div(h * d).unwrap_or(0);
+        if d & 1 == 1 || d / 2 > 1024 || cos.shape() != [rows, d] || sin.shape() != [rows, d] {
             return shape_err(op, format!("x {:?} needs even head_dim and cos/sin [{rows}, {d}]; got cos {:?} sin {:?}", x.shape(), cos.shape(), sin.shape()));
         }
         let xi = self.bf(x, op)?;

@@ -42,6 +42,7 @@ impl LmHeadCe {
 
 /// Forward: loss[t] = lse[t] - logit[t, labels[t]] (0 where labels[t] == ignore_index), lse saved.
 /// hidden bf16 [tokens, hidden]; weight bf16 [vocab, hidden]; labels i32 [tokens]; loss, lse f32 [tokens].
+#[allow(clippy::too_many_arguments)]
 pub fn lm_head_ce_forward(gpu: &Gpu, lt: &Lt, p: &LmHeadCe, hidden: u64, weight: u64, labels: u64, loss: u64, lse: u64) -> Result<()> {
     p.check()?;
     let t = p.tokens;
@@ -192,6 +193,7 @@ pub struct Sampling {
 }
 
 /// out i32 [rows] = one token per row of logits f32 [rows, vocab] (row stride ld).
+#[allow(clippy::too_many_arguments)]
 pub fn sample(gpu: &Gpu, logits: u64, ld: usize, rows: usize, vocab: usize, s: &Sampling, step: u64, out: u64) -> Result<()> {
     if rows == 0 {
         return Ok(());
