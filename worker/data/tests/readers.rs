@@ -457,3 +457,20 @@ fn prompt_messages_drop_the_last_answer() {
     };
     assert_eq!(q.prompt_messages(), &q.messages[..]);
 }
+
+#[test]
+fn grad_cli_rows_keep_group_completion_reward_in_meta() {
+    // The `onevision grad --objective grpo` row layout (issue 4's CLI contract).
+    let d = tempfile::tempdir().unwrap();
+    let p = write(
+        d.path(),
+        "grpo_grad.jsonl",
+        r#"{"group": "g0", "messages": [{"role": "user", "content": "<image>How many?"}], "images": ["a.png"], "completion": "<think>t</think><answer>3</answer>", "reward": 1.0}"#,
+    );
+    let s = Dataset::open(&p, &ReadOptions::default()).unwrap().get(0).unwrap();
+    assert_eq!(s.meta["group"], "g0");
+    assert_eq!(s.meta["completion"], "<think>t</think><answer>3</answer>");
+    assert_eq!(s.meta["reward"], 1.0);
+    assert_eq!(s.images, vec![ImageSource::Path(d.path().join("a.png"))]);
+    assert_eq!(s.prompt_messages().len(), 1);
+}
