@@ -318,7 +318,9 @@ __device__ __forceinline__ void attn_bwd(const bf16* __restrict__ q, const bf16*
             float p[8][4];
 #pragma unroll
             for (int i = 0; i < 8; ++i) p[i][0] = p[i][1] = p[i][2] = p[i][3] = 0.f;
-#pragma unroll
+            // Not unrolled: with dK/dV accumulators live (2 x D/8 x 4 floats), unrolling these two
+            // head-dim loops pushes ptxas past 255 registers into spills.
+#pragma unroll 1
             for (int kk = 0; kk < KT; ++kk) {
                 unsigned a[4];
                 load_a(a, Ks + warp * 16 * LD + kk * 16, LD, lane);
@@ -361,7 +363,7 @@ __device__ __forceinline__ void attn_bwd(const bf16* __restrict__ q, const bf16*
             float ds[8][4];
 #pragma unroll
             for (int i = 0; i < 8; ++i) ds[i][0] = ds[i][1] = ds[i][2] = ds[i][3] = 0.f;
-#pragma unroll
+#pragma unroll 1
             for (int kk = 0; kk < KT; ++kk) {
                 unsigned a[4];
                 load_a(a, Vs + warp * 16 * LD + kk * 16, LD, lane);

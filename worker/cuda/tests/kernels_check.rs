@@ -88,8 +88,8 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
             let res = r.resources.unwrap_or_else(|| panic!("{} on {}: ptxas present but no resources", r.name, r.arch));
             assert!(res.registers > 0 && res.registers <= 255, "{} on {}: {} registers", r.name, r.arch, res.registers);
         }
-        // Bandwidth-bound elementwise kernels must not spill: a spill there is a real regression.
-        for r in reports.iter().filter(|r| !r.family.starts_with("attention")) {
+        // No kernel spills today (attention backward included, at <= 255 registers): keep it that way.
+        for r in &reports {
             let res = r.resources.unwrap_or_default();
             assert_eq!((res.spill_stores, res.spill_loads), (0, 0), "{} spills on {}", r.name, r.arch);
         }
