@@ -48,8 +48,10 @@ pub struct GrpoConfig {
     pub kl: KlEstimator,
     pub aggregation: Aggregation,
     /// Divide advantages by the group's sample std (+1e-4). `false`: Dr. GRPO, centring only.
+    /// Read by the caller via [`group_advantages`], like `dynamic_sampling`.
     pub scale_rewards: bool,
     /// Drop groups whose rewards are all equal (they carry no signal) instead of training on zeros.
+    /// Read by the caller: pass it to [`group_advantages`] and its `keep` to [`GrpoBatch::keep`].
     pub dynamic_sampling: bool,
 }
 
