@@ -1,7 +1,8 @@
 //! Generation: greedy and sampling (temperature, top-k, top-p, repetition penalty, seeded),
 //! stopping on the checkpoint's eos ids, returning new tokens and their log-probabilities.
 use crate::error::{ModelError, Result};
-use crate::model::{PromptInput, Qwen25Vl};
+use crate::model::{KvCache, PromptInput, Qwen25Vl};
+use crate::tensor::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -131,12 +132,60 @@ pub fn choose_token(logits: &[f32], history: &[u32], p: &SamplingParams, rng: &m
 /// id, `max_new_tokens`, or the context end.
 pub fn generate(model: &Qwen25Vl, prompts: &[PromptInput], params: &SamplingParams) -> Result<Vec<Generation>> {
     params.validate()?;
+    let t = prompts.iter().map(|p| p.input_ids.len()).max().unwrap_or(0);
+    let budget = params.max_new_tokens.min(model.config.text.max_position_embeddings.saturating_sub(t));
+    let (pre, cache) = model.prefill(prompts, budget, false)?;
+    let logits = model.backend().to_host(&pre.logits)?.to_f32_vec()?;
+    let next_pos = pre.positions.iter().map(|p| p.next_position()).collect();
+    let histories: Vec<&[u32]> = prompts.iter().map(|p| p.input_ids.as_slice()).collect();
+    decode_loop(model, &histories, logits, cache, next_pos, budget, params)
+}
+
+/// `n` samples of one prompt (a GRPO group): the prompt and its images are encoded once and the
+/// KV cache is replicated; sample `i` uses RNG stream `i`, exactly as `generate` on `n` copies.
+pub fn generate_group(model: &Qwen25Vl, prompt: &PromptInput, n: usize, params: &SamplingParams) -> Result<Vec<Generation>> {
+    params.validate()?;
+    if n == 0 {
+        return Ok(vec![]);
+    }
+    let t = prompt.input_ids.len();
+    let budget = params.max_new_tokens.min(model.config.text.max_position_embeddings.saturating_sub(t));
+    let (pre, one) = model.prefill(std::slice::from_ref(prompt), budget, false)?;
+    let be = model.backend();
+    let rep = vec![0usize; n];
+    let dup = |x: &Tensor| -> Result<Tensor> {
+        let mut shape = x.shape().to_vec();
+        let flat = x.reshape(&[1, x.numel()])?;
+        shape[0] = n;
+        be.gather_rows(&flat, &rep)?.reshape(&shape)
+    };
+    let cache = KvCache {
+        k: one.k.iter().map(dup).collect::<Result<_>>()?,
+        v: one.v.iter().map(dup).collect::<Result<_>>()?,
+        len: one.len,
+        capacity: one.capacity,
+        batch: n,
+        key_start: vec![0; n],
+    };
+    let row = be.to_host(&pre.logits)?.to_f32_vec()?;
+    let logits: Vec<f32> = (0..n).flat_map(|_| row.iter().copied()).collect();
+    let next_pos = vec![pre.positions[0].next_position(); n];
+    let histories = vec![prompt.input_ids.as_slice(); n];
+    decode_loop(model, &histories, logits, cache, next_pos, budget, params)
+}
+
+/// Sample/decode until every row is finished. `logits` holds the first step's rows [B·V].
+fn decode_loop(
+    model: &Qwen25Vl,
+    prompts: &[&[u32]],
+    mut logits: Vec<f32>,
+    mut cache: KvCache,
+    mut next_pos: Vec<i64>,
+    budget: usize,
+    params: &SamplingParams,
+) -> Result<Vec<Generation>> {
     let eos = params.eos_token_ids.clone().unwrap_or_else(|| model.config.eos_token_ids.clone());
     let vocab = model.config.text.vocab_size;
-    let max_ctx = model.config.text.max_position_embeddings;
-    let t = prompts.iter().map(|p| p.input_ids.len()).max().unwrap_or(0);
-    let budget = params.max_new_tokens.min(max_ctx.saturating_sub(t));
-    let (pre, mut cache) = model.prefill(prompts, budget, false)?;
     let be = model.backend();
     let b = prompts.len();
     let mut out: Vec<Generation> = (0..b).map(|_| Generation { token_ids: vec![], logprobs: vec![], finished: false, first_logits: None }).collect();
@@ -147,8 +196,6 @@ pub fn generate(model: &Qwen25Vl, prompts: &[PromptInput], params: &SamplingPara
             r
         })
         .collect();
-    let mut next_pos: Vec<i64> = pre.positions.iter().map(|p| p.next_position()).collect();
-    let mut logits = be.to_host(&pre.logits)?.to_f32_vec()?;
     let mut done = vec![false; b];
     for step in 0..budget {
         let mut toks = vec![0u32; b];
@@ -163,7 +210,7 @@ pub fn generate(model: &Qwen25Vl, prompts: &[PromptInput], params: &SamplingPara
                 continue;
             }
             let history: Vec<u32> = if params.repetition_penalty != 1.0 {
-                prompts[i].input_ids.iter().chain(&out[i].token_ids).copied().collect()
+                prompts[i].iter().chain(&out[i].token_ids).copied().collect()
             } else {
                 vec![]
             };

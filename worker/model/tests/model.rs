@@ -163,3 +163,37 @@ fn named_weights_set_weight_and_save_roundtrip() {
         assert_eq!(a.as_f32().unwrap(), b.as_f32().unwrap(), "{n1}");
     }
 }
+
+/// A GRPO group shares one prefill: greedy samples equal single-prompt greedy, sampled ones
+/// are distinct draws whose log-probs match a teacher-forced recomputation.
+#[test]
+fn generate_group_replicates_the_prompt_cache() {
+    use onevision_model::generate_group;
+    let m = model(false, 64);
+    let p = image_prompt(8);
+    let greedy = SamplingParams { max_new_tokens: 5, eos_token_ids: Some(vec![]), ..Default::default() };
+    let single = generate(&m, std::slice::from_ref(&p), &greedy).unwrap();
+    let group = generate_group(&m, &p, 3, &greedy).unwrap();
+    assert_eq!(group.len(), 3);
+    for g in &group {
+        assert_eq!(g.token_ids, single[0].token_ids);
+    }
+    let sampled = SamplingParams { max_new_tokens: 5, temperature: 1.5, seed: 9, eos_token_ids: Some(vec![]), ..Default::default() };
+    let group = generate_group(&m, &p, 4, &sampled).unwrap();
+    assert!(group.iter().any(|g| g.token_ids != group[0].token_ids), "streams must differ");
+    let v = m.config.text.vocab_size;
+    let l = p.input_ids.len();
+    let mut checked = 0;
+    // A sampled image-pad id (40) would make the teacher-forced prompt invalid: skip such rows.
+    for g in group.iter().filter(|g| !g.token_ids.contains(&40)) {
+        checked += 1;
+        let mut full = p.clone();
+        full.input_ids.extend(&g.token_ids);
+        let logits = m.forward_logits(&full).unwrap();
+        for (i, (&t, &lp)) in g.token_ids.iter().zip(&g.logprobs).enumerate() {
+            let row = &logits.as_f32().unwrap()[(l - 1 + i) * v..(l + i) * v];
+            assert!((token_logprob(row, t) - lp).abs() < 1e-4);
+        }
+    }
+    assert!(checked >= 2, "only {checked} samples checked");
+}
