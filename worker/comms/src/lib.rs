@@ -6,6 +6,7 @@
 //!   (see `nccl.rs`).
 //! - [`coordinator`]: the gRPC coordinator hosted by trainer rank 0 (rendezvous, heartbeats,
 //!   step barrier, progress, shutdown, rollout registry) and its retrying client.
+//! - [`rendezvous_cpu`]: Join + ring connection in one call.
 //! - [`weights`]: chunking and validating `UpdateWeights` streams.
 //! - [`health`]: `grpc.health.v1` checks.
 
@@ -15,11 +16,13 @@ mod error;
 pub mod health;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+mod rendezvous;
 mod ring;
 pub mod weights;
 
 pub use communicator::{shard_len, Communicator, LocalCommunicator};
 pub use error::CommError;
+pub use rendezvous::{rendezvous_cpu, RendezvousError, RendezvousOptions};
 pub use ring::{ring_segment, ring_sum_order, RingConfig, TcpRingCommunicator};
 
 /// The communicator for a rank: local for a world of one, otherwise a TCP ring on `listener`.

@@ -412,3 +412,33 @@ async fn update_weights_over_grpc_applies_or_rejects_with_codes() {
     // Nothing of the rejected updates was applied.
     assert_eq!(client.info(v1::InfoRequest {}).await.unwrap().into_inner().model_version, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rendezvous_cpu_builds_a_working_ring_or_a_local_communicator() {
+    use onevision_comms::{rendezvous_cpu, RendezvousOptions};
+    // World of one: no sockets, identity collectives.
+    let server = serve_coordinator(loopback(), CoordinatorConfig::new(1, 2)).await.unwrap();
+    let client = CoordinatorClient::new(&server.endpoint(), fast_policy()).unwrap();
+    let (join, comm) = rendezvous_cpu(&client, RendezvousOptions::new(0, 1, 2, loopback())).await.unwrap();
+    assert_eq!((join.world_size, comm.world_size()), (1, 1));
+    let mut v = vec![3.0f32];
+    comm.all_reduce_sum_f32(&mut v).unwrap();
+    assert_eq!(v, [3.0]);
+
+    // World of two over loopback.
+    let server = serve_coordinator(loopback(), CoordinatorConfig::new(2, 2)).await.unwrap();
+    let client = CoordinatorClient::new(&server.endpoint(), fast_policy()).unwrap();
+    let (a, b) = tokio::join!(
+        rendezvous_cpu(&client, RendezvousOptions::new(0, 2, 2, loopback())),
+        rendezvous_cpu(&client, RendezvousOptions::new(1, 2, 2, loopback()))
+    );
+    let (c0, c1) = (a.unwrap().1, b.unwrap().1);
+    let t = std::thread::spawn(move || {
+        let mut v = vec![1.0f32, 2.0];
+        c1.all_reduce_sum_f32(&mut v).map(|_| v)
+    });
+    let mut v = vec![10.0f32, 20.0];
+    c0.all_reduce_sum_f32(&mut v).unwrap();
+    assert_eq!(v, [11.0, 22.0]);
+    assert_eq!(t.join().unwrap().unwrap(), vec![11.0, 22.0]);
+}

@@ -3,13 +3,12 @@
 //! gRPC (the production rendezvous), builds the TCP ring from the returned peer list and runs
 //! collectives; results come back through files.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use onevision_comms::coordinator::{serve_coordinator, CoordinatorClient, CoordinatorConfig, RetryPolicy};
-use onevision_comms::{ring_segment, ring_sum_order, Communicator, RingConfig, TcpRingCommunicator};
+use onevision_comms::{rendezvous_cpu, ring_segment, ring_sum_order, RendezvousOptions};
 use onevision_proto::v1;
 
 const ROLE: &str = "ONEVISION_COMMS_TEST_ROLE";
@@ -52,31 +51,15 @@ fn child_env() -> Option<ChildEnv> {
 fn run_child(env: ChildEnv) -> i32 {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _guard = rt.enter();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = listener.local_addr().unwrap().to_string();
     let client = CoordinatorClient::new(&env.coordinator, RetryPolicy::default()).unwrap();
-    let join = rt
-        .block_on(client.join(
-            v1::JoinRequest {
-                rank: env.rank as u32,
-                world_size: env.world as u32,
-                address,
-                generation: 4,
-                name: format!("child-{}", env.rank),
-                ..Default::default()
-            },
-            Duration::from_secs(60),
-        ))
-        .expect("join");
-    let _hb = rt.block_on(async {
-        client.spawn_heartbeat(env.rank as u32, 4, Duration::from_millis(100))
-    });
-    let peers: Vec<String> = join.peers.iter().map(|p| p.address.clone()).collect();
-    let mut cfg = RingConfig::new(env.rank, env.world, peers);
-    cfg.generation = 4;
-    cfg.chunk_bytes = 4096;
-    cfg.op_timeout = Duration::from_secs(20);
-    let comm = TcpRingCommunicator::connect_with_listener(cfg, listener).expect("ring");
+    let mut opts = RendezvousOptions::new(env.rank as u32, env.world as u32, 4, "127.0.0.1:0".parse().unwrap());
+    opts.name = format!("child-{}", env.rank);
+    opts.join_timeout = Duration::from_secs(60);
+    opts.ring.chunk_bytes = 4096;
+    opts.ring.op_timeout = Duration::from_secs(20);
+    let (join, comm) = rt.block_on(rendezvous_cpu(&client, opts)).expect("rendezvous");
+    assert_eq!(join.peers.len(), env.world);
+    let _hb = client.spawn_heartbeat(env.rank as u32, 4, Duration::from_millis(100));
 
     if env.mode == "victim" {
         // Die abruptly after the rendezvous, like an OOM-killed pod.

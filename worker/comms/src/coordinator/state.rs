@@ -88,6 +88,7 @@ struct Member {
 struct Stop {
     reason: String,
     completed: bool,
+    immediate: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -278,6 +279,11 @@ impl CoordinatorState {
         }
     }
 
+    /// A failed gang or an IMMEDIATE shutdown: ranks abandon the current step.
+    fn stop_now(&self) -> bool {
+        self.failure.is_some() || self.stop.as_ref().is_some_and(|s| s.immediate)
+    }
+
     pub fn heartbeat(
         &mut self,
         req: &v1::HeartbeatRequest,
@@ -290,7 +296,12 @@ impl CoordinatorState {
             m.step = req.step;
         }
         let (should_stop, stop_reason) = self.stop_fields();
-        Ok(v1::HeartbeatResponse { should_stop, stop_reason, dead_ranks: self.dead_ranks.clone() })
+        Ok(v1::HeartbeatResponse {
+            should_stop,
+            stop_reason,
+            dead_ranks: self.dead_ranks.clone(),
+            stop_immediately: self.stop_now(),
+        })
     }
 
     /// Declares ranks dead whose last sign of life is older than the heartbeat timeout. Returns
@@ -432,16 +443,20 @@ impl CoordinatorState {
         }
         self.progress.insert(report.rank, report);
         let (should_stop, stop_reason) = self.stop_fields();
-        Ok(v1::ProgressAck { should_stop, stop_reason })
+        Ok(v1::ProgressAck { should_stop, stop_reason, stop_immediately: self.stop_now() })
     }
 
     /// Requests an orderly stop. Returns the resulting phase.
     pub fn shutdown(&mut self, req: &v1::ShutdownRequest) -> v1::JobPhase {
         let reason = if req.reason.is_empty() { "shutdown requested".to_string() } else { req.reason.clone() };
+        let immediate = req.mode() == v1::ShutdownMode::Immediate;
         match &mut self.stop {
-            // `completed` may upgrade an earlier stop (Ctrl-C then the final report).
-            Some(s) => s.completed |= req.completed,
-            None => self.stop = Some(Stop { reason, completed: req.completed }),
+            // A later request may upgrade an earlier one (Ctrl-C twice, or the final report).
+            Some(s) => {
+                s.completed |= req.completed;
+                s.immediate |= immediate;
+            }
+            None => self.stop = Some(Stop { reason, completed: req.completed, immediate }),
         }
         self.phase()
     }
@@ -684,7 +699,10 @@ mod tests {
             }
         }
         let hb = s.heartbeat(&v1::HeartbeatRequest { rank: 1, generation: 1, step: 1 }, now).unwrap();
-        assert!(hb.should_stop);
+        assert!(hb.should_stop && !hb.stop_immediately);
+        s.shutdown(&v1::ShutdownRequest { mode: v1::ShutdownMode::Immediate as i32, ..Default::default() });
+        let hb = s.heartbeat(&v1::HeartbeatRequest { rank: 1, generation: 1, step: 1 }, now).unwrap();
+        assert!(hb.should_stop && hb.stop_immediately);
         let phase = s.shutdown(&v1::ShutdownRequest { completed: true, ..Default::default() });
         assert_eq!(phase, v1::JobPhase::Succeeded);
     }
