@@ -2,6 +2,8 @@
 //! model, training, rollout and communication crates.
 
 pub mod cli;
+pub mod training;
+pub mod runtime;
 
 /// Exit code for errors a retry cannot fix (bad config, missing data). The operator fails the
 /// job at once on this code instead of restarting the gang.

@@ -2,6 +2,9 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod run;
+pub mod trainer;
+
 #[derive(Debug, Parser)]
 #[command(name = "onevision", version, about = "Train R1-Onevision-style multimodal reasoners")]
 pub struct Cli {
@@ -13,6 +16,10 @@ pub struct Cli {
 pub enum Command {
     /// Print build information.
     Version,
+    /// Trainer pod entrypoint: one rank of an SFTJob/GRPOJob (reads the job file and the operator's env).
+    Trainer(trainer::Args),
+    /// Run SFTJob/GRPOJob manifests locally as processes (the operator's pods, on this machine).
+    Run(run::Args),
 }
 
 /// Run the parsed command. Returns the process exit code.
@@ -22,5 +29,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("onevision {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+        Command::Trainer(args) => trainer::run(args),
+        Command::Run(args) => run::run(args),
     }
 }

@@ -1,0 +1,17 @@
+//! `onevision trainer --job FILE`: the entrypoint of a trainer pod (see `runtime::trainer`).
+//! Reads the typed job file and the operator's environment; exits 78 on a permanent error.
+
+use std::path::PathBuf;
+
+use clap::Args as ClapArgs;
+
+#[derive(Debug, ClapArgs)]
+pub struct Args {
+    /// The typed job file (an SFTJob or GRPOJob with model.path resolved).
+    #[arg(long, env = "ONEVISION_JOB_SPEC")]
+    pub job: PathBuf,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    crate::runtime::trainer::run(&args.job).map_err(anyhow::Error::new)
+}

@@ -1,0 +1,316 @@
+//! The GRPO step: sample a group of G completions per prompt, score them with the job's rewards,
+//! group-normalise the advantages, add reference log-probs when `klBeta > 0`, and update the
+//! policy `iterationsPerBatch` times. Loss denominators are global (all-reduced counts), so the
+//! update equals one process doing the whole batch.
+//!
+//! Completions come from a [`RolloutSource`]: [`InProcess`] generates with the policy itself
+//! (`rollout.replicas: 0`, on-policy by construction); a pool of rollout workers plugs in through
+//! the same trait, receiving versioned weights after each update.
+
+use std::time::Instant;
+
+use onevision_data::{Dataset, Sample};
+use onevision_model::{generate_group, Generation, PromptInput, Qwen25Vl, SamplingParams};
+use onevision_rewards::{AccuracyReward, Reward, RewardRegistry, RewardRequest, WeightedReward};
+use onevision_train::{group_advantages, Aggregation, TensorMap};
+
+use super::dist::{add_into, all_reduce_grads, all_reduce_scalars, GradLayout};
+use super::eval::{ground_truth, prompt_text};
+use super::settings::{GrpoSettings, JobSettings};
+use super::trainer::{LoopCtx, StepReport, TrainStep};
+use super::{Result, RuntimeError};
+use crate::telemetry::{GrpoMetrics, Phase, RewardStats, StepMetrics};
+use crate::training::{grpo_step, logprobs_of, GrpoSample, StepOptions, Trainer, TrainingError};
+
+/// Where a step's completions come from.
+pub trait RolloutSource {
+    /// `group` completions for every prompt, in prompt order. `params.seed` seeds prompt 0;
+    /// prompt `i` uses `params.seed + i`.
+    fn generate(
+        &mut self,
+        cx: &LoopCtx<'_>,
+        policy: &Qwen25Vl,
+        prompts: &[PromptInput],
+        group: usize,
+        params: &SamplingParams,
+    ) -> Result<Vec<Vec<Generation>>>;
+
+    /// Make weights `version` (the trainer's optimizer step) available to the generators.
+    /// Returns the seconds spent.
+    fn publish(&mut self, _cx: &LoopCtx<'_>, _trainer: &Trainer, _version: u64) -> Result<f64> {
+        Ok(0.0)
+    }
+}
+
+/// The trainer rank samples its own prompts with the current policy (vision encoding and
+/// prefill once per group, KV cache replicated: [`generate_group`]).
+pub struct InProcess;
+
+impl RolloutSource for InProcess {
+    fn generate(
+        &mut self,
+        _cx: &LoopCtx<'_>,
+        policy: &Qwen25Vl,
+        prompts: &[PromptInput],
+        group: usize,
+        params: &SamplingParams,
+    ) -> Result<Vec<Vec<Generation>>> {
+        prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let mut pp = params.clone();
+                pp.seed = params.seed.wrapping_add(i as u64);
+                generate_group(policy, p, group, &pp).map_err(|e| RuntimeError::Training(e.into()))
+            })
+            .collect()
+    }
+}
+
+/// SplitMix64: decorrelated per-(seed, step, rank) sampling seeds.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The GRPO objective for the shared training loop.
+pub struct GrpoStep<'a> {
+    g: GrpoSettings,
+    seed: u64,
+    micro: usize,
+    freeze: crate::training::Freeze,
+    data: &'a Dataset,
+    train_index: &'a [usize],
+    reference: Option<Qwen25Vl>,
+    layout: GradLayout,
+    reward: WeightedReward,
+    reward_names: Vec<String>,
+    accuracy: AccuracyReward,
+    source: Box<dyn RolloutSource + 'a>,
+}
+
+impl<'a> GrpoStep<'a> {
+    pub fn new(
+        s: &JobSettings,
+        data: &'a Dataset,
+        train_index: &'a [usize],
+        reference: Option<Qwen25Vl>,
+        layout: GradLayout,
+    ) -> Result<Self> {
+        let g = s.grpo.clone().ok_or_else(|| RuntimeError::Config("not a GRPOJob".into()))?;
+        let reward = WeightedReward::from_specs(&g.rewards, &RewardRegistry::builtin())?;
+        if g.loss.beta > 0.0 && reference.is_none() {
+            return Err(RuntimeError::Config("grpo.klBeta > 0 needs the reference model".into()));
+        }
+        Ok(GrpoStep {
+            reward_names: g.rewards.iter().map(|r| r.name.clone()).collect(),
+            g,
+            seed: s.seed,
+            micro: s.micro_batch,
+            freeze: s.freeze,
+            data,
+            train_index,
+            reference,
+            layout,
+            reward,
+            accuracy: AccuracyReward::default(),
+            source: Box::new(InProcess),
+        })
+    }
+
+    /// Replace the completion source (e.g. a pool of rollout workers).
+    pub fn with_source(mut self, source: Box<dyn RolloutSource + 'a>) -> Self {
+        self.source = source;
+        self
+    }
+}
+
+/// The completion's text for rewards: its tokens without the end-of-turn id, special tokens
+/// dropped.
+fn completion_text(cx: &LoopCtx<'_>, g: &Generation) -> Result<String> {
+    let ids: &[u32] = if g.finished && !g.token_ids.is_empty() { &g.token_ids[..g.token_ids.len() - 1] } else { &g.token_ids };
+    cx.enc.processor().decode(ids, true).map_err(|e| RuntimeError::Training(TrainingError::Preprocess(e)))
+}
+
+impl TrainStep for GrpoStep<'_> {
+    fn step(&mut self, cx: &mut LoopCtx<'_>, trainer: &mut Trainer, batch: &[usize]) -> Result<StepReport> {
+        let g = &self.g;
+        let t0 = Instant::now();
+        let samples: Vec<Sample> = batch
+            .iter()
+            .map(|&i| self.data.get(self.train_index[i]))
+            .collect::<std::result::Result<_, _>>()?;
+        let prompts = samples.iter().map(|s| cx.enc.encode_prompt(s)).collect::<std::result::Result<Vec<_>, _>>()?;
+        let params = SamplingParams {
+            max_new_tokens: g.max_new_tokens,
+            temperature: g.temperature as f32,
+            top_p: g.top_p as f32,
+            seed: mix(self.seed ^ mix(cx.step.wrapping_mul(1 << 20) + cx.comm.rank() as u64)),
+            ..Default::default()
+        };
+        let groups = self.source.generate(cx, &trainer.model, &prompts, g.group_size, &params)?;
+        let t_rollout = t0.elapsed().as_secs_f64();
+
+        // Rewards and group-relative advantages (a group never spans ranks).
+        let mut reqs = Vec::new();
+        let mut group_of = Vec::new();
+        for (si, (s, gens)) in samples.iter().zip(&groups).enumerate() {
+            let answer = ground_truth(s);
+            for gen in gens {
+                reqs.push(RewardRequest {
+                    prompt: prompt_text(s),
+                    completion: completion_text(cx, gen)?,
+                    answer: answer.clone(),
+                    meta: s.meta.clone(),
+                });
+                group_of.push(si);
+            }
+        }
+        let scores = self.reward.score(&reqs)?;
+        let acc = if reqs.iter().all(|r| r.answer.is_some()) { Some(self.accuracy.score_batch(&reqs)?) } else { None };
+        let adv = group_advantages(&scores.total, &group_of, g.loss.scale_rewards, false)
+            .map_err(|e| RuntimeError::Training(e.into()))?;
+
+        let mut all = Vec::with_capacity(reqs.len());
+        let mut k = 0;
+        for (si, gens) in groups.iter().enumerate() {
+            for gen in gens {
+                let mut input = prompts[si].clone();
+                let prompt_len = input.input_ids.len();
+                input.input_ids.extend_from_slice(&gen.token_ids);
+                all.push(GrpoSample { input, prompt_len, old_logp: None, ref_logp: None, advantage: adv.advantages[k] });
+                k += 1;
+            }
+        }
+        // Global statistics of the rollouts (once per step).
+        let n_groups = groups.len();
+        let zero_groups = (0..n_groups)
+            .filter(|&gi| {
+                let r: Vec<f64> = group_of.iter().zip(&scores.total).filter(|(g, _)| **g == gi).map(|(_, r)| *r).collect();
+                r.windows(2).all(|w| w[0] == w[1])
+            })
+            .count();
+        let mut st = vec![
+            all.len() as f64,
+            all.iter().map(|x| x.completion_len() as f64).sum(),
+            zero_groups as f64,
+            n_groups as f64,
+            acc.as_ref().map_or(0.0, |a| a.iter().sum()),
+            scores.total.iter().sum(),
+            scores.total.iter().map(|x| x * x).sum(),
+        ];
+        for (_, c) in &scores.components {
+            st.push(c.iter().sum());
+            st.push(c.iter().map(|x| x * x).sum());
+        }
+        let counts_at = st.len();
+        // Loss denominators over every completion of every rank (zero-advantage ones included).
+        st.push(all.iter().filter(|x| x.completion_len() > 0).count() as f64);
+        st.push(all.iter().map(|x| x.completion_len() as f64).sum());
+        all_reduce_scalars(cx.comm, &mut st)?;
+        let (global_seqs, global_tokens) = (st[counts_at].max(1.0), st[counts_at + 1].max(1.0));
+        let denominator = match g.loss.aggregation {
+            Aggregation::SeqMeanTokenMean => global_seqs,
+            Aggregation::TokenMean => global_tokens,
+            Aggregation::DrGrpo { max_len } => global_seqs * max_len as f64,
+        };
+        // Without a KL term a zero-advantage completion contributes exactly nothing: skip it.
+        let mut active: Vec<GrpoSample> = all
+            .into_iter()
+            .filter(|x| x.completion_len() > 0 && (g.loss.beta > 0.0 || x.advantage != 0.0))
+            .collect();
+        let temperature = g.temperature;
+        let t_ref = Instant::now();
+        if let Some(reference) = &self.reference {
+            for chunk in active.chunks_mut(self.micro.max(1)) {
+                let lp = logprobs_of(reference, chunk, temperature)?;
+                for (x, l) in chunk.iter_mut().zip(lp) {
+                    x.ref_logp = Some(l);
+                }
+            }
+        }
+        if g.iterations > 1 {
+            for chunk in active.chunks_mut(self.micro.max(1)) {
+                let lp = logprobs_of(&trainer.model, chunk, temperature)?;
+                for (x, l) in chunk.iter_mut().zip(lp) {
+                    x.old_logp = Some(l);
+                }
+            }
+        }
+        let t_reference = t_ref.elapsed().as_secs_f64();
+
+        let opts = StepOptions { denominator: Some(denominator), freeze: self.freeze, temperature: Some(temperature) };
+        let (mut t_fb, mut t_opt, mut t_sync) = (0.0, 0.0, 0.0);
+        let mut last = None;
+        let mut extra_sum = [0f32; 5];
+        for _ in 0..g.iterations {
+            let t = Instant::now();
+            let mut grads = TensorMap::new();
+            let mut extra = [0f32; 5]; // loss, clip·tok, kl·tok, entropy·tok, tok
+            for chunk in active.chunks(self.micro.max(1)) {
+                let out = grpo_step(&trainer.model, chunk, &g.loss, &opts)?;
+                extra[0] += out.loss as f32;
+                if let Some(gs) = &out.stats.grpo {
+                    let tok = gs.n_tokens as f32;
+                    extra[1] += gs.clip_frac as f32 * tok;
+                    extra[2] += gs.kl_mean as f32 * tok;
+                    extra[3] += gs.entropy_mean.unwrap_or(0.0) as f32 * tok;
+                    extra[4] += tok;
+                }
+                add_into(&mut grads, out.grads);
+            }
+            let grads = all_reduce_grads(cx.comm, &self.layout, &grads, &mut extra)?;
+            t_fb += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let applied = trainer.apply(grads)?;
+            t_opt += t.elapsed().as_secs_f64();
+            t_sync += self.source.publish(cx, trainer, applied.step)?;
+            last = Some(applied);
+            extra_sum = extra;
+        }
+        let applied = last.ok_or_else(|| RuntimeError::Config("grpo.iterationsPerBatch must be ≥ 1".into()))?;
+        let secs = t0.elapsed().as_secs_f64().max(1e-9);
+        let n = st[0].max(1.0);
+        let tok = (extra_sum[4] as f64).max(1.0);
+        let stats = |sum: f64, sq: f64| -> (f64, f64) {
+            let mean = sum / n;
+            (mean, (sq / n - mean * mean).max(0.0).sqrt())
+        };
+        let (total_mean, total_std) = stats(st[5], st[6]);
+        let mut rewards = vec![RewardStats { name: "total".into(), mean: total_mean, std: total_std }];
+        for (i, name) in self.reward_names.iter().enumerate() {
+            let (m, s) = stats(st[7 + 2 * i], st[8 + 2 * i]);
+            rewards.push(RewardStats { name: name.clone(), mean: m, std: s });
+        }
+        let accuracy = acc.as_ref().map(|_| st[4] / n);
+        let metrics = StepMetrics {
+            step: applied.step,
+            total_steps: cx.total_steps,
+            loss: extra_sum[0] as f64,
+            learning_rate: applied.lr,
+            grad_norm: applied.grad_norm,
+            tokens_per_second: st[1] / secs,
+            samples_per_second: n / secs,
+            mfu: None,
+            phase_seconds: vec![
+                (Phase::RolloutWait, t_rollout),
+                (Phase::Reference, t_reference),
+                (Phase::ForwardBackward, t_fb),
+                (Phase::Optimizer, t_opt),
+                (Phase::WeightSync, t_sync),
+            ],
+            grpo: Some(GrpoMetrics {
+                rewards,
+                accuracy: accuracy.unwrap_or(0.0),
+                kl: extra_sum[2] as f64 / tok,
+                clip_fraction: extra_sum[1] as f64 / tok,
+                entropy: extra_sum[3] as f64 / tok,
+                response_length: st[1] / n,
+                zero_advantage_fraction: st[2] / st[3].max(1.0),
+            }),
+        };
+        Ok(StepReport { metrics, reward: Some(total_mean), accuracy })
+    }
+}

@@ -1,0 +1,108 @@
+//! The SFT step across ranks: every rank encodes its share of the global batch, the loss is the
+//! token mean over the *global* batch (each rank divides by the all-reduced label-token count),
+//! micro-batches are summed locally, and one all-reduce sums gradients and loss over ranks. The
+//! result equals a single process computing the whole global batch at once.
+
+use std::time::Instant;
+
+use onevision_comms::Communicator;
+use onevision_data::{Dataset, Sample};
+use onevision_model::Qwen25Vl;
+use onevision_train::TensorMap;
+
+use super::dist::{add_into, all_reduce_grads, all_reduce_scalars, GradLayout};
+use super::trainer::{LoopCtx, StepReport, TrainStep};
+use super::Result;
+use crate::telemetry::{Phase, StepMetrics};
+use crate::training::{sft_step, Encoder, Freeze, SftExample, StepOptions, Trainer};
+
+/// Loss and summed gradients of one global batch.
+#[derive(Debug, Clone)]
+pub struct GlobalGrads {
+    /// Token-mean cross-entropy over the global batch.
+    pub loss: f64,
+    /// Label tokens of the global batch.
+    pub tokens: usize,
+    pub grads: TensorMap,
+}
+
+/// This rank's `examples` are its share of the global batch; see the module docs.
+pub fn sft_global_grads(
+    model: &Qwen25Vl,
+    comm: &dyn Communicator,
+    layout: &GradLayout,
+    examples: &[SftExample],
+    micro_batch: usize,
+    freeze: Freeze,
+) -> Result<GlobalGrads> {
+    let local_tokens: usize = examples.iter().map(SftExample::label_tokens).sum();
+    let mut tokens = [local_tokens as f64];
+    all_reduce_scalars(comm, &mut tokens)?;
+    let global_tokens = tokens[0].round().max(1.0);
+    let opts = StepOptions { denominator: Some(global_tokens), freeze, temperature: None };
+    let mut grads = TensorMap::new();
+    let mut loss = 0.0;
+    for chunk in examples.chunks(micro_batch.max(1)) {
+        let out = sft_step(model, chunk, &opts)?;
+        loss += out.loss;
+        add_into(&mut grads, out.grads);
+    }
+    let mut extra = [loss as f32];
+    let grads = all_reduce_grads(comm, layout, &grads, &mut extra)?;
+    Ok(GlobalGrads { loss: extra[0] as f64, tokens: global_tokens as usize, grads })
+}
+
+/// Encodes samples for SFT, truncating to `max_seq_len` tokens (labels cut along).
+pub fn encode_sft(enc: &Encoder, samples: &[Sample], max_seq_len: usize) -> Result<Vec<SftExample>> {
+    samples
+        .iter()
+        .map(|s| {
+            let mut ex = enc.encode_sft(s)?;
+            if ex.input.input_ids.len() > max_seq_len {
+                // Image tokens come first in every prompt, so cutting the tail keeps the image.
+                ex.input.input_ids.truncate(max_seq_len);
+                ex.labels.truncate(max_seq_len);
+            }
+            Ok(ex)
+        })
+        .collect()
+}
+
+/// The SFT objective for the shared training loop.
+pub struct SftStep<'a> {
+    pub data: &'a Dataset,
+    pub train_index: &'a [usize],
+    pub layout: GradLayout,
+}
+
+impl TrainStep for SftStep<'_> {
+    fn step(&mut self, cx: &mut LoopCtx<'_>, trainer: &mut Trainer, batch: &[usize]) -> Result<StepReport> {
+        let t0 = Instant::now();
+        let samples = batch
+            .iter()
+            .map(|&i| self.data.get(self.train_index[i]))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let examples = encode_sft(cx.enc, &samples, cx.settings.max_seq_len)?;
+        let g = sft_global_grads(&trainer.model, cx.comm, &self.layout, &examples, cx.settings.micro_batch, cx.settings.freeze)?;
+        let t1 = Instant::now();
+        let applied = trainer.apply(g.grads)?;
+        let t2 = Instant::now();
+        let secs = (t2 - t0).as_secs_f64().max(1e-9);
+        let metrics = StepMetrics {
+            step: applied.step,
+            total_steps: cx.total_steps,
+            loss: g.loss,
+            learning_rate: applied.lr,
+            grad_norm: applied.grad_norm,
+            tokens_per_second: g.tokens as f64 / secs,
+            samples_per_second: cx.settings.global_batch as f64 / secs,
+            mfu: None,
+            phase_seconds: vec![
+                (Phase::ForwardBackward, (t1 - t0).as_secs_f64()),
+                (Phase::Optimizer, (t2 - t1).as_secs_f64()),
+            ],
+            grpo: None,
+        };
+        Ok(StepReport { metrics, reward: None, accuracy: None })
+    }
+}
