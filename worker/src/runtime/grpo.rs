@@ -127,6 +127,19 @@ impl<'a> GrpoStep<'a> {
     }
 }
 
+/// Cuts a completion before the first vision placeholder id (image/video pad, vision start/end):
+/// a sampled placeholder would make the training forward expect an image that is not there.
+/// The shortened sequence is still a sample of the policy's prefix distribution.
+pub fn strip_vision_tokens(policy: &Qwen25Vl, g: &mut Generation) {
+    let c = &policy.config;
+    let banned = [Some(c.image_token_id), c.video_token_id, Some(c.vision_start_token_id), c.vision_end_token_id];
+    if let Some(cut) = g.token_ids.iter().position(|t| banned.contains(&Some(*t))) {
+        g.token_ids.truncate(cut);
+        g.logprobs.truncate(cut);
+        g.finished = false;
+    }
+}
+
 /// The completion's text for rewards: its tokens without the end-of-turn id, special tokens
 /// dropped.
 fn completion_text(cx: &LoopCtx<'_>, g: &Generation) -> Result<String> {
@@ -150,7 +163,10 @@ impl TrainStep for GrpoStep<'_> {
             seed: mix(self.seed ^ mix(cx.step.wrapping_mul(1 << 20) + cx.comm.rank() as u64)),
             ..Default::default()
         };
-        let groups = self.source.generate(cx, &trainer.model, &prompts, g.group_size, &params)?;
+        let mut groups = self.source.generate(cx, &trainer.model, &prompts, g.group_size, &params)?;
+        for gen in groups.iter_mut().flatten() {
+            strip_vision_tokens(&trainer.model, gen);
+        }
         let t_rollout = t0.elapsed().as_secs_f64();
 
         // Rewards and group-relative advantages (a group never spans ranks).

@@ -1,0 +1,76 @@
+//! Shared fixtures of the runtime tests: a tiny synthetic dataset and a tiny random model,
+//! generated in a temp dir in well under a second.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use onevision_synth::{init_model, synth, Family, InitOptions, SynthOptions};
+
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// `data/{train,heldout}.jsonl` (colour questions) and `model/` (hidden 32, one layer).
+    pub fn new(train: usize, heldout: usize) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        synth(&SynthOptions {
+            out: dir.path().join("data"),
+            train,
+            heldout,
+            seed: 3,
+            families: vec![(Family::Color, 1.0)],
+            difficulty: (1, 1),
+            image_size: 56,
+        })
+        .unwrap();
+        init_model(&InitOptions {
+            out: dir.path().join("model"),
+            tokenizer_corpus: vec![dir.path().join("data/train.jsonl")],
+            vocab_size: 400,
+            hidden_size: 32,
+            num_hidden_layers: 1,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            intermediate_size: 64,
+            vision_hidden_size: 32,
+            vision_depth: 1,
+            vision_num_heads: 1,
+            vision_intermediate_size: 64,
+            seed: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        Fixture { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn model(&self) -> PathBuf {
+        self.path().join("model")
+    }
+
+    pub fn train(&self) -> PathBuf {
+        self.path().join("data/train.jsonl")
+    }
+
+    pub fn heldout(&self) -> PathBuf {
+        self.path().join("data/heldout.jsonl")
+    }
+}
+
+/// The per-step JSON objects of a metrics.jsonl.
+pub fn metrics(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+pub fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+}
