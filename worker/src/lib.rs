@@ -2,6 +2,7 @@
 //! model, training, rollout and communication crates.
 
 pub mod cli;
+pub mod rollout;
 pub mod training;
 pub mod runtime;
 

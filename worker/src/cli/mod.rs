@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod rollout;
 pub mod run;
 pub mod trainer;
 
@@ -16,6 +17,8 @@ pub struct Cli {
 pub enum Command {
     /// Print build information.
     Version,
+    /// Rollout worker (pod entrypoint): serves generation and weight updates over gRPC.
+    Rollout(rollout::Args),
     /// Trainer pod entrypoint: one rank of an SFTJob/GRPOJob (reads the job file and the operator's env).
     Trainer(trainer::Args),
     /// Run SFTJob/GRPOJob manifests locally as processes (the operator's pods, on this machine).
@@ -29,6 +32,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("onevision {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+        Command::Rollout(args) => rollout::run(args),
         Command::Trainer(args) => trainer::run(args),
         Command::Run(args) => run::run(args),
     }

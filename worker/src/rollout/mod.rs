@@ -1,0 +1,37 @@
+//! Rollout workers and the trainer's rollout pool (docs/rollout.md).
+//!
+//! **Worker side** (`onevision rollout`): an [`Engine`] holds the policy model and generates a
+//! prompt group with one image encoding and one prefill, decoding the G samples as one batch over
+//! a replicated KV cache (`onevision_model::generate_group`). [`serve_rollout`] exposes it as the
+//! `onevision.v1.Rollout` gRPC service (plus `grpc.health.v1`): `Generate` streams groups in and
+//! completions out, `UpdateWeights` applies chunked, named, versioned tensors atomically at the
+//! commit, `Info` reports version and capacity.
+//!
+//! **Trainer side**: a [`RolloutPool`] finds the workers through the coordinator's
+//! `RolloutRegistry` (workers come and go at any time: `kubectl scale`), spreads prompt groups
+//! over them, retries a lost worker's groups elsewhere, and pushes weights so that every
+//! completion is at most `staleness` versions behind the newest published weights:
+//!
+//! ```text
+//! let pool = RolloutPool::new(WorkerSource::Coordinator(client), PoolConfig::default());
+//! pool.sync_weights(version, tensors_from_model(&model.named_weights())?).await?;  // -> SyncStats
+//! let results: Vec<GroupResult> = pool.generate(groups, &sampling).await?;       // request order
+//! let workers: Vec<WorkerStatus> = pool.workers().await?;
+//! ```
+//!
+//! [`PoolSource`] plugs the pool into the GRPO loop (`runtime::grpo::RolloutSource`).
+
+mod engine;
+mod error;
+mod pool;
+mod server;
+mod source;
+
+pub use engine::{expand_image_pads, Engine, EngineConfig, GroupOutput, PreparedGroup};
+pub use error::{RolloutError, WorkerError};
+pub use pool::{
+    tensors_from_f32, tensors_from_model, Completion, GroupRequest, GroupResult, ImageInput, PoolConfig, RolloutPool,
+    Sampling, SyncStats, WorkerSource, WorkerStatus,
+};
+pub use server::{serve_rollout, RolloutServerHandle, RolloutService, ServerConfig};
+pub use source::PoolSource;

@@ -1,0 +1,395 @@
+//! The `onevision.v1.Rollout` gRPC service of a rollout worker, plus `grpc.health.v1`.
+//!
+//! Generation runs on one dedicated thread (the CPU backend parallelises each group's decode
+//! batch over all cores; two groups at once would only contend): the `Generate` handler
+//! validates each group, waits briefly for `min_model_version`, and queues it; the thread runs
+//! `generate_group` and streams the G completions and a `GroupDone` back.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use onevision_comms::weights::WeightUpdateAssembler;
+use onevision_proto::v1;
+use onevision_proto::v1::rollout_server::{Rollout, RolloutServer};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use super::engine::{Engine, PreparedGroup};
+use super::error::WorkerError;
+use crate::telemetry::RolloutMetrics;
+
+/// Settings of the rollout server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub worker_id: String,
+    /// Sequences decoded concurrently (advertised; the pool keeps about this many busy).
+    pub capacity: u32,
+    /// Prompt groups accepted and not finished beyond which new ones get RESOURCE_EXHAUSTED.
+    pub queue_limit: usize,
+    /// How long a group whose `min_model_version` is ahead of the worker waits for the update
+    /// before it fails with FAILED_PRECONDITION.
+    pub version_wait: Duration,
+    /// gRPC message-size limit, both directions.
+    pub max_message_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            worker_id: "rollout-0".into(),
+            capacity: 64,
+            queue_limit: 256,
+            version_wait: Duration::from_secs(5),
+            max_message_bytes: onevision_proto::MAX_MESSAGE_BYTES,
+        }
+    }
+}
+
+struct GenJob {
+    request_id: u64,
+    group: PreparedGroup,
+    accepted: Instant,
+    reply: mpsc::Sender<Result<v1::GenerateResponse, Status>>,
+}
+
+struct Shared {
+    engine: Arc<Engine>,
+    cfg: ServerConfig,
+    queued: AtomicUsize,
+    active: AtomicUsize,
+    metrics: Option<RolloutMetrics>,
+    /// UpdateWeights calls are serialised (each validates against the version it started at).
+    update_lock: tokio::sync::Mutex<()>,
+    jobs: std::sync::mpsc::Sender<GenJob>,
+}
+
+impl Shared {
+    fn set_queue_metric(&self) {
+        if let Some(m) = &self.metrics {
+            m.set_queue_depth(self.queued.load(Ordering::Relaxed));
+        }
+    }
+}
+
+/// The `Rollout` service implementation.
+#[derive(Clone)]
+pub struct RolloutService {
+    shared: Arc<Shared>,
+}
+
+fn done(request_id: u64, completions: u32, code: Code, message: String, seconds: f64) -> v1::GenerateResponse {
+    v1::GenerateResponse {
+        request_id,
+        event: Some(v1::generate_response::Event::Done(v1::GroupDone {
+            completions,
+            error_code: code as i32,
+            error_message: message,
+            seconds,
+        })),
+    }
+}
+
+fn generation_thread(shared: std::sync::Weak<Shared>, rx: std::sync::mpsc::Receiver<GenJob>) {
+    while let Ok(job) = rx.recv() {
+        let Some(sh) = shared.upgrade() else { return };
+        sh.queued.fetch_sub(1, Ordering::Relaxed);
+        sh.set_queue_metric();
+        // The client went away (stream closed): skip the work.
+        if job.reply.is_closed() {
+            continue;
+        }
+        let n = job.group.group_size;
+        sh.active.fetch_add(n, Ordering::Relaxed);
+        if let Some(m) = &sh.metrics {
+            m.set_batch_occupancy(n.min(sh.cfg.capacity as usize), sh.cfg.capacity as usize);
+        }
+        let span = crate::telemetry::rollout_request_span(&job.request_id.to_string(), n as u32);
+        let out = span.in_scope(|| sh.engine.run_group(&job.group));
+        sh.active.fetch_sub(n, Ordering::Relaxed);
+        if let Some(m) = &sh.metrics {
+            m.set_batch_occupancy(0, sh.cfg.capacity as usize);
+        }
+        let secs = job.accepted.elapsed().as_secs_f64();
+        match out {
+            Ok(o) => {
+                if let Some(m) = &sh.metrics {
+                    m.request_finished(o.tokens, secs);
+                }
+                let count = o.completions.len() as u32;
+                for c in o.completions {
+                    let msg = v1::GenerateResponse { request_id: job.request_id, event: Some(v1::generate_response::Event::Completion(c)) };
+                    if job.reply.blocking_send(Ok(msg)).is_err() {
+                        break;
+                    }
+                }
+                let _ = job.reply.blocking_send(Ok(done(job.request_id, count, Code::Ok, String::new(), secs)));
+            }
+            Err(st) => {
+                let _ = job.reply.blocking_send(Ok(done(job.request_id, 0, st.code(), st.message().to_string(), secs)));
+            }
+        }
+    }
+}
+
+impl RolloutService {
+    /// Starts the generation thread.
+    pub fn new(engine: Arc<Engine>, cfg: ServerConfig, metrics: Option<RolloutMetrics>) -> Result<Self, WorkerError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let shared = Arc::new(Shared {
+            engine,
+            cfg,
+            queued: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            metrics,
+            update_lock: tokio::sync::Mutex::new(()),
+            jobs: tx,
+        });
+        let weak = Arc::downgrade(&shared);
+        std::thread::Builder::new()
+            .name("rollout-generate".into())
+            .spawn(move || generation_thread(weak, rx))
+            .map_err(WorkerError::Thread)?;
+        Ok(RolloutService { shared })
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.shared.engine
+    }
+
+    /// Validates one group, waits for its min version, queues it. Errors become its GroupDone.
+    async fn accept(
+        shared: Arc<Shared>,
+        request_id: u64,
+        group: v1::PromptGroup,
+        reply: mpsc::Sender<Result<v1::GenerateResponse, Status>>,
+    ) {
+        let accepted = Instant::now();
+        let fail = |st: Status| done(request_id, 0, st.code(), st.message().to_string(), accepted.elapsed().as_secs_f64());
+        if shared.queued.load(Ordering::Relaxed) >= shared.cfg.queue_limit {
+            let st = Status::resource_exhausted(format!(
+                "rollout worker {} has {} groups queued (limit {}); retry on another worker",
+                shared.cfg.worker_id, shared.cfg.queue_limit, shared.cfg.queue_limit
+            ));
+            let _ = reply.send(Ok(fail(st))).await;
+            return;
+        }
+        if group.min_model_version > shared.engine.version() {
+            let mut rx = shared.engine.subscribe_version();
+            let want = group.min_model_version;
+            let ok = matches!(
+                tokio::time::timeout(shared.cfg.version_wait, rx.wait_for(|v| *v >= want)).await,
+                Ok(Ok(_))
+            );
+            if !ok {
+                let st = Status::failed_precondition(format!(
+                    "stale weights: worker {} serves version {}, the group needs at least {want}; push weights first",
+                    shared.cfg.worker_id,
+                    shared.engine.version()
+                ));
+                let _ = reply.send(Ok(fail(st))).await;
+                return;
+            }
+        }
+        // Image decoding and preprocessing are CPU work: off the async threads.
+        let sh = shared.clone();
+        let prepared = tokio::task::spawn_blocking(move || sh.engine.prepare(&group)).await;
+        let prepared = match prepared {
+            Ok(Ok(p)) => p,
+            Ok(Err(st)) => {
+                let _ = reply.send(Ok(fail(st))).await;
+                return;
+            }
+            Err(e) => {
+                let _ = reply.send(Ok(fail(Status::internal(format!("request preparation failed: {e}"))))).await;
+                return;
+            }
+        };
+        shared.queued.fetch_add(1, Ordering::Relaxed);
+        shared.set_queue_metric();
+        let job = GenJob { request_id, group: prepared, accepted, reply: reply.clone() };
+        if shared.jobs.send(job).is_err() {
+            shared.queued.fetch_sub(1, Ordering::Relaxed);
+            let _ = reply.send(Ok(fail(Status::unavailable("the generation thread stopped")))).await;
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Rollout for RolloutService {
+    type GenerateStream = ReceiverStream<Result<v1::GenerateResponse, Status>>;
+
+    async fn generate(
+        &self,
+        request: Request<Streaming<v1::GenerateRequest>>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let mut inbound = request.into_inner();
+        // Room for a few groups' completions; the generation thread blocks when the client
+        // reads slowly, which is the backpressure we want.
+        let (tx, rx) = mpsc::channel(256);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let mut pending: Vec<JoinHandle<()>> = Vec::new();
+            loop {
+                let msg = match inbound.next().await {
+                    None => break,
+                    Some(Ok(m)) => m,
+                    Some(Err(st)) => {
+                        // The client reset the stream: nothing to answer to.
+                        tracing::debug!(code = ?st.code(), msg = st.message(), "Generate request stream ended with an error");
+                        break;
+                    }
+                };
+                let Some(group) = msg.group else {
+                    let _ = tx.send(Err(Status::invalid_argument("GenerateRequest without a group"))).await;
+                    break;
+                };
+                let id = group.request_id;
+                pending.retain(|h| !h.is_finished());
+                pending.push(tokio::spawn(RolloutService::accept(shared.clone(), id, group, tx.clone())));
+            }
+            // The response stream ends once every accepted group has been answered: `tx`
+            // clones live in the queued jobs and are dropped when they finish.
+            for h in pending {
+                let _ = h.await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn update_weights(
+        &self,
+        request: Request<Streaming<v1::UpdateWeightsRequest>>,
+    ) -> Result<Response<v1::UpdateWeightsResponse>, Status> {
+        let start = Instant::now();
+        let mut inbound = request.into_inner();
+        let _guard = self.shared.update_lock.lock().await;
+        let engine = self.shared.engine.clone();
+        let mut asm = WeightUpdateAssembler::new(engine.specs(), engine.version());
+        while let Some(msg) = inbound.next().await {
+            let msg = msg.map_err(|st| Status::aborted(format!("UpdateWeights stream broke ({}); nothing was applied, resend", st.message())))?;
+            asm.push(msg).map_err(Status::from)?;
+        }
+        let update = asm.finish().map_err(Status::from)?;
+        let bytes = update.bytes;
+        let count = update.tensors.len() as u32;
+        let span = crate::telemetry::weight_sync_span(update.version);
+        let e2 = engine.clone();
+        let version = tokio::task::spawn_blocking(move || span.in_scope(|| e2.apply(update)))
+            .await
+            .map_err(|e| Status::internal(format!("weight update task failed: {e}")))??;
+        if let Some(m) = &self.shared.metrics {
+            m.set_weight_version(version, version);
+        }
+        tracing::info!(version, tensors = count, bytes, seconds = start.elapsed().as_secs_f64(), "weights updated");
+        Ok(Response::new(v1::UpdateWeightsResponse {
+            version,
+            tensors_updated: count,
+            bytes_received: bytes,
+            seconds: start.elapsed().as_secs_f64(),
+        }))
+    }
+
+    async fn info(&self, _request: Request<v1::InfoRequest>) -> Result<Response<v1::InfoResponse>, Status> {
+        let sh = &self.shared;
+        Ok(Response::new(v1::InfoResponse {
+            worker_id: sh.cfg.worker_id.clone(),
+            model_name: sh.engine.config().model_name.clone(),
+            model_version: sh.engine.version(),
+            capacity: sh.cfg.capacity,
+            queue_depth: sh.queued.load(Ordering::Relaxed) as u32,
+            active_sequences: sh.active.load(Ordering::Relaxed) as u32,
+            max_context_tokens: sh.engine.max_context_tokens() as u32,
+        }))
+    }
+}
+
+/// A running rollout server. Dropping it stops the server.
+pub struct RolloutServerHandle {
+    addr: SocketAddr,
+    service: RolloutService,
+    health: tonic_health::server::HealthReporter,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+/// Serves the Rollout service and `grpc.health.v1` (SERVING for `""` and
+/// `onevision.v1.Rollout`) on `listener`, with the message-size limits of `cfg`.
+pub async fn serve_rollout(
+    listener: tokio::net::TcpListener,
+    engine: Arc<Engine>,
+    cfg: ServerConfig,
+    metrics: Option<RolloutMetrics>,
+) -> Result<RolloutServerHandle, WorkerError> {
+    let addr = listener
+        .local_addr()
+        .map_err(|source| WorkerError::Bind { addr: SocketAddr::from(([0, 0, 0, 0], 0)), source })?;
+    let limit = cfg.max_message_bytes;
+    if let Some(m) = &metrics {
+        m.set_weight_version(engine.version(), engine.version());
+        m.set_queue_depth(0);
+    }
+    let service = RolloutService::new(engine, cfg, metrics)?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<RolloutServer<RolloutService>>().await;
+    let svc = RolloutServer::new(service.clone()).max_decoding_message_size(limit).max_encoding_message_size(limit);
+    let (tx, rx) = oneshot::channel::<()>();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(health_service)
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = rx.await;
+            }),
+    );
+    tracing::info!(%addr, "rollout worker serving");
+    Ok(RolloutServerHandle { addr, service, health, shutdown: Some(tx), server: Some(server) })
+}
+
+impl RolloutServerHandle {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        self.service.engine()
+    }
+
+    /// Reports NOT_SERVING (new work goes elsewhere), then stops accepting connections and
+    /// waits up to `drain` for in-flight calls to finish.
+    pub async fn stop(mut self, drain: Duration) -> Result<(), WorkerError> {
+        self.health.set_not_serving::<RolloutServer<RolloutService>>().await;
+        self.health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.server.take() {
+            Some(task) => match tokio::time::timeout(drain, task).await {
+                Ok(Ok(r)) => r.map_err(WorkerError::from),
+                Ok(Err(e)) => Err(WorkerError::Task(e.to_string())),
+                Err(_) => {
+                    tracing::warn!(?drain, "in-flight rollout calls did not finish in time; exiting anyway");
+                    Ok(())
+                }
+            },
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RolloutServerHandle {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.server.take() {
+            t.abort();
+        }
+    }
+}
