@@ -1,0 +1,138 @@
+//! `onevision run` end to end on a tiny SFTJob (2 trainer processes on the TCP ring) followed by
+//! a GRPOJob `fromSFTJob`: the files it writes and what they say.
+
+mod runtime_common;
+
+use std::path::Path;
+use std::process::Command;
+
+use runtime_common::{json, metrics, Fixture};
+
+const MANIFEST: &str = r#"
+apiVersion: onevision.dev/v1alpha1
+kind: GRPOJob
+metadata: {name: tiny-grpo}
+spec:
+  model: {fromSFTJob: tiny-sft}
+  dataset: {path: /data/data/train.jsonl}
+  output: {path: /data/out/tiny-grpo}
+  storage: {persistentVolumeClaim: {claimName: data}}
+  trainer: {nodes: 1, image: onevision:test}
+  rollout: {replicas: 0}
+  grpo: {groupSize: 4, maxNewTokens: 24, temperature: 1.0, klBeta: 0.04, rewards: [{name: accuracy}, {name: format, weight: 0.5}]}
+  hyperparameters: {learningRate: 1.0e-3, globalBatchSize: 8, microBatchSize: 4, maxSteps: 3}
+  eval: {dataset: {path: /data/data/heldout.jsonl}}
+  checkpoint: {everySteps: 2}
+---
+apiVersion: onevision.dev/v1alpha1
+kind: SFTJob
+metadata: {name: tiny-sft}
+spec:
+  model: {path: /data/model}
+  dataset: {path: /data/data/train.jsonl}
+  output: {path: /data/out/tiny-sft}
+  storage: {persistentVolumeClaim: {claimName: data}}
+  trainer: {nodes: 2, image: onevision:test}
+  hyperparameters: {learningRate: 1.0e-2, globalBatchSize: 8, microBatchSize: 2, maxSteps: 6, lrSchedule: constant}
+  eval: {dataset: {path: /data/data/heldout.jsonl}, everySteps: 3}
+  checkpoint: {everySteps: 3, keep: 2}
+"#;
+
+fn onevision_run(manifest: &Path, work: &Path, data_root: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_onevision"))
+        .arg("run")
+        .arg(manifest)
+        .arg("--workdir")
+        .arg(work)
+        .arg("--data-root")
+        .arg(data_root)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn run_writes_metrics_status_checkpoints_and_models_for_sft_then_grpo() {
+    let fx = Fixture::new(32, 6);
+    let manifest = fx.path().join("tiny.yaml");
+    std::fs::write(&manifest, MANIFEST).unwrap();
+    let work = fx.path().join("work");
+    let out = onevision_run(&manifest, &work, fx.path());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "onevision run failed: {stderr}");
+
+    // SFT: listed second, run first; two ranks.
+    let sft = work.join("tiny-sft");
+    assert!(sft.join("logs/tiny-sft-trainer-0.log").is_file() && sft.join("logs/tiny-sft-trainer-1.log").is_file());
+    let m = metrics(&sft.join("metrics.jsonl"));
+    assert_eq!(m.iter().map(|x| x["step"].as_u64().unwrap()).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5, 6]);
+    for x in &m {
+        assert_eq!(x["total_steps"], 6);
+        assert_eq!(x["learning_rate"], 1.0e-2);
+        let l = x["loss"].as_f64().unwrap();
+        assert!(l.is_finite() && l > 0.0, "{x}");
+        assert!(x["grad_norm"].as_f64().unwrap() > 0.0);
+    }
+    let (first, last) = (m[0]["loss"].as_f64().unwrap(), m[5]["loss"].as_f64().unwrap());
+    assert!(last < first, "SFT loss did not decrease: {first} -> {last}");
+    assert!(m[2].get("eval_accuracy").is_some(), "no evaluation at step 3: {}", m[2]);
+    let st = json(&sft.join("status.json"));
+    assert_eq!(st["kind"], "SFTJob");
+    assert_eq!(st["phase"], "Succeeded");
+    assert_eq!(st["restarts"], 0);
+    assert_eq!(st["progress"]["step"], 6);
+    assert_eq!(st["progress"]["totalSteps"], 6);
+    assert_eq!(st["stepProgress"], "6/6");
+    assert_eq!(st["modelPath"], fx.model().display().to_string());
+    for when in ["before", "after"] {
+        assert_eq!(st["evaluation"][when]["n"], 6, "{st}");
+        let a = st["evaluation"][when]["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&a));
+    }
+    assert!(st["conditions"].as_array().unwrap().iter().any(|c| c["type"] == "Succeeded" && c["status"] == "True"));
+    assert!(sft.join("checkpoints/ckpt-0000000006").is_dir());
+    assert!(sft.join("config.json").is_file() && sft.join("model.safetensors").is_file() && sft.join("tokenizer.json").is_file());
+
+    // GRPO from the SFT job's exported model.
+    let grpo = work.join("tiny-grpo");
+    let m = metrics(&grpo.join("metrics.jsonl"));
+    assert_eq!(m.len(), 3);
+    for x in &m {
+        for k in ["reward", "reward/accuracy", "reward/format", "accuracy", "kl", "entropy", "clip_fraction", "time/rollout_wait", "time/reference"] {
+            assert!(x[k].as_f64().is_some_and(f64::is_finite), "missing {k}: {x}");
+        }
+        let len = x["response_length"].as_f64().unwrap();
+        assert!(len > 0.0 && len <= 24.0, "{x}");
+        let z = x["zero_advantage_fraction"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&z));
+        assert!((0.0..=1.5).contains(&x["reward"].as_f64().unwrap()));
+    }
+    let st = json(&grpo.join("status.json"));
+    assert_eq!(st["kind"], "GRPOJob");
+    assert_eq!(st["phase"], "Succeeded");
+    assert_eq!(st["modelPath"], sft.display().to_string());
+    assert_eq!(st["evaluation"]["after"]["n"], 6);
+    assert!(st["progress"]["reward"].as_f64().is_some());
+    assert!(grpo.join("model.safetensors").is_file());
+
+    // Running the same file again does not redo finished jobs.
+    let again = onevision_run(&manifest, &work, fx.path());
+    assert!(again.status.success());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert_eq!(stderr.matches("already succeeded").count(), 2, "{stderr}");
+}
+
+#[test]
+fn run_fails_with_a_clear_message_and_a_failed_status_on_missing_data() {
+    let fx = Fixture::new(8, 2);
+    let manifest = fx.path().join("bad.yaml");
+    std::fs::write(&manifest, MANIFEST.split("---").nth(1).unwrap().replace("train.jsonl", "missing.jsonl")).unwrap();
+    let work = fx.path().join("work");
+    let out = onevision_run(&manifest, &work, fx.path());
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("missing.jsonl") && stderr.contains("does not exist"), "{stderr}");
+    assert!(stderr.contains("permanent"), "{stderr}");
+    let st = json(&work.join("tiny-sft/status.json"));
+    assert_eq!(st["phase"], "Failed");
+    assert!(st["conditions"].as_array().unwrap().iter().any(|c| c["type"] == "Failed" && c["reason"] == "PermanentError"), "{st}");
+}
