@@ -758,7 +758,9 @@ impl Session {
                             max_inflight = inflight.len().max(1);
                         }
                         if code == Code::FailedPrecondition {
-                            // Stale weights: push the newest before sending more.
+                            // Stale weights (e.g. the worker restarted under the same id and
+                            // address): re-learn its version, push the newest before sending more.
+                            self.worker.sync.lock().await.capacity = None;
                             self.inner.ensure_version(&self.worker, self.min_version, true).await?;
                         }
                     }
