@@ -12,6 +12,7 @@ use std::time::Instant;
 use onevision_data::{Dataset, Sample};
 use onevision_model::{generate_group, Generation, PromptInput, Qwen25Vl, SamplingParams};
 use onevision_rewards::{AccuracyReward, Reward, RewardRegistry, RewardRequest, WeightedReward};
+use onevision_proto::v1;
 use onevision_train::{group_advantages, Aggregation, TensorMap};
 
 use super::dist::{add_into, all_reduce_grads, all_reduce_scalars, GradLayout};
@@ -19,6 +20,7 @@ use super::eval::{ground_truth, prompt_text};
 use super::settings::{GrpoSettings, JobSettings};
 use super::trainer::{LoopCtx, StepReport, TrainStep};
 use super::{Result, RuntimeError};
+use crate::rollout::{tensors_from_model, GroupRequest, PoolConfig, RolloutPool, Sampling, WorkerSource};
 use crate::telemetry::{GrpoMetrics, Phase, RewardStats, StepMetrics};
 use crate::training::{grpo_step, logprobs_of, GrpoSample, StepOptions, Trainer, TrainingError};
 
@@ -64,6 +66,85 @@ impl RolloutSource for InProcess {
                 generate_group(policy, p, group, &pp).map_err(|e| RuntimeError::Training(e.into()))
             })
             .collect()
+    }
+}
+
+/// Rollout workers (`onevision rollout` processes/pods) found through the coordinator's
+/// registry: prompt groups are load-balanced over whichever workers are registered, a lost
+/// worker's groups are retried elsewhere, and every optimizer step's weights are pushed
+/// (versioned by the step; `grpo.maxStaleness` bounds how old a completion's weights may be).
+pub struct WorkerPool {
+    pool: RolloutPool,
+    /// Weights version the workers were last given (0 = the checkpoint they loaded).
+    synced: Option<u64>,
+}
+
+impl WorkerPool {
+    pub fn new(client: onevision_comms::coordinator::CoordinatorClient, max_staleness: u64) -> Self {
+        let cfg = PoolConfig { staleness: max_staleness, ..PoolConfig::default() };
+        WorkerPool { pool: RolloutPool::new(WorkerSource::Coordinator(client), cfg), synced: None }
+    }
+}
+
+impl RolloutSource for WorkerPool {
+    fn generate(
+        &mut self,
+        cx: &LoopCtx<'_>,
+        policy: &Qwen25Vl,
+        prompts: &[PromptInput],
+        group: usize,
+        params: &SamplingParams,
+    ) -> Result<Vec<Vec<Generation>>> {
+        let reqs = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| GroupRequest::from_prompt(p, group as u32, params.seed.wrapping_add(i as u64)))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let sampling = Sampling {
+            temperature: params.temperature,
+            top_p: params.top_p,
+            top_k: params.top_k as u32,
+            max_new_tokens: params.max_new_tokens as u32,
+            stop_token_ids: policy.config.eos_token_ids.clone(),
+        };
+        let results = cx.rt.block_on(self.pool.generate(reqs, &sampling))?;
+        Ok(results
+            .into_iter()
+            .map(|g| {
+                g.completions
+                    .into_iter()
+                    .map(|c| Generation {
+                        finished: c.finish_reason == v1::FinishReason::Stop,
+                        token_ids: c.token_ids,
+                        logprobs: c.logprobs,
+                        first_logits: None,
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+
+    fn publish(&mut self, cx: &LoopCtx<'_>, trainer: &Trainer, version: u64) -> Result<f64> {
+        if self.synced == Some(version) || (self.synced.is_none() && version == 0) {
+            self.synced = Some(version);
+            return Ok(0.0);
+        }
+        let t = Instant::now();
+        let tensors = tensors_from_model(&trainer.model.named_weights())?;
+        if cx.comm.rank() == 0 {
+            // Rank 0 pushes; the other ranks only record the version, so their groups wait for it.
+            let st = cx.rt.block_on(self.pool.sync_weights(version, tensors))?;
+            if !st.workers_failed.is_empty() {
+                tracing::warn!(version, failed = ?st.workers_failed, "some rollout workers missed the weight update; they get it before their next work");
+            }
+            if let Some(c) = cx.coordinator {
+                c.set_trainer_model_version(version);
+            }
+        } else {
+            self.pool.publish(version, tensors)?;
+        }
+        self.synced = Some(version);
+        Ok(t.elapsed().as_secs_f64())
     }
 }
 
@@ -151,6 +232,7 @@ impl TrainStep for GrpoStep<'_> {
     fn step(&mut self, cx: &mut LoopCtx<'_>, trainer: &mut Trainer, batch: &[usize]) -> Result<StepReport> {
         let g = &self.g;
         let t0 = Instant::now();
+        let mut t_sync_start = 0.0;
         let samples: Vec<Sample> = batch
             .iter()
             .map(|&i| self.data.get(self.train_index[i]))
@@ -163,11 +245,13 @@ impl TrainStep for GrpoStep<'_> {
             seed: mix(self.seed ^ mix(cx.step.wrapping_mul(1 << 20) + cx.comm.rank() as u64)),
             ..Default::default()
         };
+        // A resumed run's workers still hold the starting checkpoint: bring them up to date.
+        t_sync_start += self.source.publish(cx, trainer, trainer.step())?;
         let mut groups = self.source.generate(cx, &trainer.model, &prompts, g.group_size, &params)?;
         for gen in groups.iter_mut().flatten() {
             strip_vision_tokens(&trainer.model, gen);
         }
-        let t_rollout = t0.elapsed().as_secs_f64();
+        let t_rollout = t0.elapsed().as_secs_f64() - t_sync_start;
 
         // Rewards and group-relative advantages (a group never spans ranks).
         let mut reqs = Vec::new();
@@ -258,7 +342,7 @@ impl TrainStep for GrpoStep<'_> {
         let t_reference = t_ref.elapsed().as_secs_f64();
 
         let opts = StepOptions { denominator: Some(denominator), freeze: self.freeze, temperature: Some(temperature) };
-        let (mut t_fb, mut t_opt, mut t_sync) = (0.0, 0.0, 0.0);
+        let (mut t_fb, mut t_opt, mut t_sync) = (0.0, 0.0, t_sync_start);
         let mut last = None;
         let mut extra_sum = [0f32; 5];
         for _ in 0..g.iterations {

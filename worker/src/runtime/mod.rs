@@ -46,6 +46,8 @@ pub enum RuntimeError {
     Rendezvous(#[from] onevision_comms::RendezvousError),
     #[error("coordinator: {0}")]
     Coordinator(String),
+    #[error("rollout: {0}")]
+    Rollout(#[from] crate::rollout::RolloutError),
     #[error("reward: {0}")]
     Reward(#[from] onevision_rewards::RewardError),
     #[error("{path}: {source}")]

@@ -233,7 +233,15 @@ pub fn run_job(
     let layout = GradLayout::new(trainer.master(), s.freeze);
     let mut objective: Box<dyn TrainStep + '_> = match &s.grpo {
         None => Box::new(SftStep { data: &splits.data, train_index: &splits.train_index, layout }),
-        Some(_) => Box::new(GrpoStep::new(s, &splits.data, &splits.train_index, reference, layout)?),
+        Some(g) => {
+            let step = GrpoStep::new(s, &splits.data, &splits.train_index, reference, layout)?;
+            if g.rollout_replicas > 0 {
+                tracing::info!(workers = g.rollout_replicas, "GRPO completions from rollout workers");
+                Box::new(step.with_source(Box::new(super::grpo::WorkerPool::new(cx.coordinator_client.clone(), g.max_staleness))))
+            } else {
+                Box::new(step)
+            }
+        }
     };
 
     let mgr = CheckpointManager::new(s.checkpoint_dir(), s.checkpoint_keep)
@@ -262,10 +270,8 @@ pub fn run_job(
         position,
     )?;
     let eval_shard: Vec<Sample> = splits.eval.iter().enumerate().filter(|(i, _)| i % world == rank).map(|(_, x)| x.clone()).collect();
-    let eval_budget = match &s.grpo {
-        Some(g) => g.max_new_tokens,
-        None => answer_budget(cx.enc, &splits.eval, 512),
-    };
+    // One budget for SFT and GRPO evaluations, so their accuracies compare.
+    let eval_budget = answer_budget(cx.enc, &splits.eval, 512);
     let has_eval = !splits.eval.is_empty();
     let mut reporter = if rank == 0 {
         Some(Reporter::open(&s.output, s.kind.as_str(), &s.model.display().to_string(), resumed.as_ref().map(|_| step))?)
