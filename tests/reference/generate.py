@@ -17,6 +17,7 @@ output directory is deleted and rewritten, so re-running reproduces the same fil
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shutil
@@ -704,13 +705,167 @@ def generate_grad_fixtures() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# GRPO gradient fixtures: a batch of prompt groups with completions and rewards, one policy
+# iteration (old policy = current, ratio 1 but gradient A·ratio), k3 KL to a reference model.
+
+GRPO_ROWS = [
+    {"group": "g0", "prompt": "What color is the large shape?", "images": ["../../images/a_h56_w84.png"],
+     "completion": "<think> the shape is red </think> <answer> red </answer>", "reward": 1.0},
+    {"group": "g0", "prompt": "What color is the large shape?", "images": ["../../images/a_h56_w84.png"],
+     "completion": "<answer> blue </answer>", "reward": 0.0},
+    {"group": "g0", "prompt": "What color is the large shape?", "images": ["../../images/a_h56_w84.png"],
+     "completion": "I think it is red.", "reward": 0.5},
+    {"group": "g1", "prompt": "Solve for x: 3x + 5 = 20.", "images": [],
+     "completion": "<think> 3x = 15 </think> <answer> 5 </answer>", "reward": 2.0},
+    {"group": "g1", "prompt": "Solve for x: 3x + 5 = 20.", "images": [],
+     "completion": "<answer> 6 </answer>", "reward": 0.0},
+]
+GRPO_VARIANTS = [  # (name, beta, clip_eps): β = 0 skips the reference model entirely
+    ("kl", 0.04, 0.2),
+    ("nokl", 0.0, 0.2),
+]
+
+
+def perturbed_reference(model_dir: Path, spec: CkptSpec, out_dir: Path) -> Path:
+    """The KL reference: the same checkpoint with every weight moved by ~5% of its scale, so
+    log π_ref differs from log π_θ and the k3 term has a non-zero gradient."""
+    ref_dir = out_dir / "ref_model"
+    ref_dir.mkdir(parents=True)
+    shutil.copy(model_dir / "config.json", ref_dir / "config.json")
+    model = load_reference_model(model_dir)
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=gen))
+    if spec.tied:
+        model.tie_weights()
+    write_weights(model, dataclasses.replace(spec, sharded=False), ref_dir)
+    return ref_dir
+
+
+def grpo_token_logprobs(model, processor, row: dict, root: Path):
+    """(log π of each completion token, number of tokens): prompt via the chat template with the
+    generation prompt, completion = tokenize(completion) + <|im_end|>, all scored."""
+    case = {"prompt": row["prompt"], "images": row["images"]}
+    inputs = process_case(processor, case, root)
+    prompt_ids = inputs["input_ids"][0]
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    comp = processor.tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [im_end]
+    ids = torch.cat([prompt_ids, torch.tensor(comp, dtype=torch.long)])[None]
+    fwd = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if "pixel_values" in inputs:
+        fwd["pixel_values"] = inputs["pixel_values"]
+        fwd["image_grid_thw"] = inputs["image_grid_thw"]
+    logits = model(**fwd).logits[0].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    p = prompt_ids.shape[0]
+    targets = ids[0, p:]
+    return logp[p - 1 : -1].gather(1, targets[:, None])[:, 0], len(comp)
+
+
+def grpo_advantages(rows: list[dict]) -> list[float]:
+    """(r − mean_g) / (std_g + 1e-4), sample std (n − 1)."""
+    out = []
+    for row in rows:
+        rs = torch.tensor([r["reward"] for r in rows if r["group"] == row["group"]], dtype=torch.float64)
+        out.append(float((row["reward"] - rs.mean()) / (rs.std(unbiased=True) + 1e-4)))
+    return out
+
+
+def generate_grpo_fixtures() -> None:
+    for spec in CHECKPOINTS:
+        root = FIXTURES / spec.name
+        model_dir = root / "model"
+        assert model_dir.exists(), f"{model_dir} missing: generate the model fixtures first"
+        out = root / "grpo"
+        reset_dir(out)
+        ref_dir = perturbed_reference(model_dir, spec, out)
+        with open(out / "rows.jsonl", "w") as f:
+            for row in GRPO_ROWS:
+                content = "<image>" * len(row["images"]) + row["prompt"]
+                f.write(json.dumps({"group": row["group"], "messages": [{"role": "user", "content": content}],
+                                    "images": row["images"], "completion": row["completion"],
+                                    "reward": row["reward"]}) + "\n")
+        model = load_reference_model(model_dir)
+        ref = load_reference_model(ref_dir)
+        processor = load_processor(model_dir)
+        adv = grpo_advantages(GRPO_ROWS)
+        results = {}
+        for name, beta, eps in GRPO_VARIANTS:
+            model.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                per_seq, total_tokens = [], 0
+                for row, a in zip(GRPO_ROWS, adv):
+                    logp, n = grpo_token_logprobs(model, processor, row, out)
+                    total_tokens += n
+                    ratio = torch.exp(logp - logp.detach())
+                    tok = -torch.minimum(ratio * a, torch.clamp(ratio, 1 - eps, 1 + eps) * a)
+                    if beta > 0:
+                        with torch.no_grad():
+                            ref_logp, _ = grpo_token_logprobs(ref, processor, row, out)
+                        d = ref_logp - logp
+                        tok = tok + beta * (torch.exp(d) - d - 1)
+                    per_seq.append(tok.mean())  # seq-mean-token-mean
+                loss = torch.stack(per_seq).mean()
+                loss.backward()
+            grads = {official_name(n): p.grad.detach().float().contiguous().clone()
+                     for n, p in model.named_parameters() if p.grad is not None}
+            save_file(dict(sorted(grads.items())), str(out / f"grads_{name}.safetensors"), metadata={"format": "pt"})
+            results[name] = {"beta": beta, "clip_eps": eps, "loss": float(loss.detach()), "tokens": total_tokens}
+        save_json(out / "expected.json", {"advantages": adv, "variants": results})
+        print(f"wrote {out.relative_to(HERE)}")
+
+
+# --------------------------------------------------------------------------------------------
+# AdamW fixture: three SFT steps with torch.optim.AdamW (norms and biases without weight decay)
+
+ADAMW = {"lr": 1e-2, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "steps": 3}
+
+
+def generate_adamw_fixtures() -> None:
+    spec = CHECKPOINTS[0]
+    root = FIXTURES / spec.name
+    out = root / "adamw"
+    reset_dir(out)
+    model = load_reference_model(root / "model")
+    processor = load_processor(root / "model")
+    case = GRAD_CASES[0]
+    inputs = process_case(processor, case, root)
+    prompt_ids = inputs["input_ids"][0]
+    answer_ids = processor.tokenizer(case["answer"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    ids = torch.cat([prompt_ids, torch.tensor(answer_ids, dtype=torch.long)])[None]
+    labels = ids.clone()
+    labels[0, : prompt_ids.shape[0]] = -100
+    # The same convention as onevision's GroupSpec::no_decay_norms_and_biases.
+    no_decay = lambda n: n.endswith(".bias") or "norm" in n.lower() or ".ln_" in ("." + n)
+    named = [(official_name(n), p) for n, p in model.named_parameters()]
+    groups = [
+        {"params": [p for n, p in named if not no_decay(n)], "weight_decay": ADAMW["weight_decay"]},
+        {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=ADAMW["lr"], betas=tuple(ADAMW["betas"]), eps=ADAMW["eps"])
+    losses = []
+    with torch.enable_grad():
+        for _ in range(ADAMW["steps"]):
+            opt.zero_grad(set_to_none=True)
+            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+            loss.backward()
+            losses.append(float(loss.detach()))
+            opt.step()
+    params = {n: p.detach().float().contiguous().clone() for n, p in named}
+    save_file(dict(sorted(params.items())), str(out / "params_after.safetensors"), metadata={"format": "pt"})
+    save_json(out / "expected.json", {**ADAMW, "case": case["name"], "losses_before_each_step": losses})
+    print(f"wrote {out.relative_to(HERE)}")
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["images", "model", "preprocess", "grad"], action="append")
+    ap.add_argument("--only", choices=["images", "model", "preprocess", "grad", "grpo", "adamw"], action="append")
     args = ap.parse_args()
-    only = set(args.only or ["images", "model", "preprocess", "grad"])
+    only = set(args.only or ["images", "model", "preprocess", "grad", "grpo", "adamw"])
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     write_images()  # always: the other kinds read them
@@ -720,6 +875,10 @@ def main() -> None:
         generate_preprocess_fixtures()
     if "grad" in only:
         generate_grad_fixtures()
+    if "grpo" in only:
+        generate_grpo_fixtures()
+    if "adamw" in only:
+        generate_adamw_fixtures()
 
 
 if __name__ == "__main__":
