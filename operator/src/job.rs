@@ -28,7 +28,13 @@ pub struct Common<'a> {
 /// A training job kind the planner and controller handle generically.
 pub trait TrainingJob:
     Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-    + Clone + Serialize + DeserializeOwned + Debug + Send + Sync + 'static
+    + Clone
+    + Serialize
+    + DeserializeOwned
+    + Debug
+    + Send
+    + Sync
+    + 'static
 {
     /// The kind.
     const KIND: JobKind;

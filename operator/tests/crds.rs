@@ -173,11 +173,19 @@ fn cel_rules_name_their_fields() {
         assert!(!rule.is_empty(), "empty rule with message {message}");
         assert!(!message.is_empty(), "rule {rule} has no message");
     }
-    let immutable: Vec<_> = grpo.iter().filter(|(r, _)| r == "self == oldSelf").collect();
+    let immutable: Vec<_> = grpo
+        .iter()
+        .filter(|(r, _)| r == "self == oldSelf")
+        .collect();
     assert!(immutable.len() >= 2, "trainer shape rules: {immutable:?}");
     let sft = rules(&schema_of(SFTJob::crd()));
-    assert!(sft.iter().any(|(_, m)| m.contains("trainer.nodes is immutable")));
-    assert!(!sft.iter().any(|(_, m)| m.contains("grpo.")), "SFTJob has no grpo rules");
+    assert!(sft
+        .iter()
+        .any(|(_, m)| m.contains("trainer.nodes is immutable")));
+    assert!(
+        !sft.iter().any(|(_, m)| m.contains("grpo.")),
+        "SFTJob has no grpo rules"
+    );
 }
 
 #[test]
@@ -187,10 +195,16 @@ fn openapi_bounds_are_in_the_schema() {
     // The CRD types carry bounds as f64.
     let min = |v: &Value| v["minimum"].as_f64();
     assert_eq!(min(&spec["trainer"]["properties"]["nodes"]), Some(1.0));
-    assert_eq!(min(&spec["trainer"]["properties"]["gpusPerNode"]), Some(0.0));
+    assert_eq!(
+        min(&spec["trainer"]["properties"]["gpusPerNode"]),
+        Some(0.0)
+    );
     assert_eq!(min(&spec["grpo"]["properties"]["groupSize"]), Some(2.0));
     assert_eq!(min(&spec["rollout"]["properties"]["replicas"]), Some(0.0));
-    assert_eq!(min(&spec["runPolicy"]["properties"]["backoffLimit"]), Some(0.0));
+    assert_eq!(
+        min(&spec["runPolicy"]["properties"]["backoffLimit"]),
+        Some(0.0)
+    );
     let enums = &spec["grpo"]["properties"]["lossAggregation"]["enum"];
     assert_eq!(
         enums,
@@ -217,17 +231,27 @@ fn job_manifests_parse_with_actionable_errors() {
     let job = AnyJob::from_yaml(&text).unwrap();
     assert_eq!(job.kind(), JobKind::SFTJob);
     assert_eq!(job.common().trainer.nodes, 2);
-    assert_eq!(job.common().trainer.master_port, 29500, "defaults filled in");
+    assert_eq!(
+        job.common().trainer.master_port,
+        29500,
+        "defaults filled in"
+    );
     assert!(job.grpo().is_none());
 
     let wrong_version = text.replace("onevision.dev/v1alpha1", "onevision.dev/v9");
-    assert!(matches!(AnyJob::from_yaml(&wrong_version), Err(JobFileError::ApiVersion { .. })));
+    assert!(matches!(
+        AnyJob::from_yaml(&wrong_version),
+        Err(JobFileError::ApiVersion { .. })
+    ));
     let wrong_kind = text.replace("kind: SFTJob", "kind: TrainJob");
     let err = AnyJob::from_yaml(&wrong_kind).unwrap_err();
     assert!(err.to_string().contains("TrainJob"), "{err}");
     let bad_field = text.replace("nodes: 2", "nodes: two");
     let err = AnyJob::from_yaml(&bad_field).unwrap_err();
-    assert!(matches!(err, JobFileError::Spec { kind: "SFTJob", .. }), "{err}");
+    assert!(
+        matches!(err, JobFileError::Spec { kind: "SFTJob", .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("nodes"), "{err}");
     let err = AnyJob::read("/nonexistent/job.yaml").unwrap_err();
     assert!(err.to_string().contains("/nonexistent/job.yaml"), "{err}");
