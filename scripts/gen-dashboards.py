@@ -66,7 +66,9 @@ def grid(specs, w=12, h=8):
 
 TRAINING = grid([
     ("Loss", [(f"onevision_trainer_loss{{{SEL}}}", "{{job_name}} {{kind}}")], "short"),
-    ("Reward (mean per reward function)", [(f"onevision_trainer_reward_mean{{{SEL}}}", "{{reward}}")], "short"),
+    ("Reward (mean and std per reward function)", [
+        (f"onevision_trainer_reward_mean{{{SEL}}}", "{{reward}}"),
+        (f"onevision_trainer_reward_std{{{SEL}}}", "{{reward}} std")], "short"),
     ("Accuracy", [(f"onevision_trainer_accuracy_ratio{{{SEL}}}", "{{split}}")], "percentunit"),
     ("KL to reference", [(f"onevision_trainer_kl{{{SEL}}}", "{{job_name}}")], "short"),
     ("Clip fraction / zero-advantage fraction", [
@@ -76,6 +78,7 @@ TRAINING = grid([
         (f"onevision_trainer_entropy{{{SEL}}}", "entropy"),
         (f"onevision_trainer_response_length_tokens{{{SEL}}}", "response length")], "short"),
     ("Tokens/s (all ranks)", [(f"sum by (job_name) (onevision_trainer_tokens_per_second{{{SEL}}})", "{{job_name}}")], "short"),
+    ("Samples/s (all ranks)", [(f"sum by (job_name) (onevision_trainer_samples_per_second{{{SEL}}})", "{{job_name}}")], "short"),
     ("MFU (GPU)", [(f"avg by (job_name) (onevision_trainer_mfu_ratio{{{SEL}}})", "{{job_name}}")], "percentunit"),
     ("Step time breakdown", [(f"sum by (phase) (rate(onevision_trainer_step_phase_seconds_total{{{SEL}}}[5m]))", "{{phase}}")], "s"),
     ("Learning rate and grad norm", [
@@ -86,20 +89,29 @@ TRAINING = grid([
 ])
 
 ROLLOUT = grid([
-    ("Active rollout workers", [(f"onevision_trainer_rollout_workers{{{SEL}}}", "{{job_name}}")], "short"),
+    ("Active rollout workers (trainer's view / exporting)", [
+        (f"onevision_trainer_rollout_workers{{{SEL}}}", "healthy ({{job_name}})"),
+        (f"count by (job_name) (onevision_rollout_weight_version{{{SEL}}})", "exporting ({{job_name}})")], "short"),
     ("Generated tokens/s", [(f"sum by (job_name) (rate(onevision_rollout_generated_tokens_total{{{SEL}}}[1m]))", "{{job_name}}")], "short"),
     ("Request latency p50 / p95", [
         (f"histogram_quantile(0.5, sum by (le) (rate(onevision_rollout_request_duration_seconds_bucket{{{SEL}}}[5m])))", "p50"),
         (f"histogram_quantile(0.95, sum by (le) (rate(onevision_rollout_request_duration_seconds_bucket{{{SEL}}}[5m])))", "p95")], "s"),
-    ("Queue depth", [(f"sum by (pod) (onevision_rollout_queue_depth{{{SEL}}})", "{{pod}}")], "short"),
-    ("Batch occupancy", [(f"avg by (pod) (onevision_rollout_batch_occupancy_ratio{{{SEL}}})", "{{pod}}")], "percentunit"),
-    ("Weight version lag", [(f"max by (pod) (onevision_rollout_weight_version_lag{{{SEL}}})", "{{pod}}")], "short"),
+    ("Prompt groups/s", [(f"sum by (worker) (rate(onevision_rollout_requests_total{{{SEL}}}[1m]))", "{{worker}}")], "ops"),
+    ("Queue depth", [(f"sum by (worker) (onevision_rollout_queue_depth{{{SEL}}})", "{{worker}}")], "short"),
+    ("Batch occupancy", [(f"avg by (worker) (onevision_rollout_batch_occupancy_ratio{{{SEL}}})", "{{worker}}")], "percentunit"),
+    ("Weight version lag", [(f"max by (worker) (onevision_rollout_weight_version_lag{{{SEL}}})", "{{worker}}")], "short"),
+    ("Memory", [
+        (f"sum by (worker, memory) (onevision_rollout_memory_bytes{{{SEL}}})", "rollout {{worker}} {{memory}}"),
+        (f"sum by (worker, memory) (onevision_trainer_memory_bytes{{{SEL}}})", "trainer {{worker}} {{memory}}")], "bytes"),
 ])
 
+# Counters of rare events (errors, restarts) have no series until the first one happens; `or ... * 0`
+# draws 0 instead of "No data" for every kind the operator reconciles.
+ZERO_BY_KIND = "sum by (kind) (onevision_operator_reconciles_total) * 0"
 OPERATOR = grid([
     ("Jobs by phase", [('sum by (kind, phase) (onevision_operator_jobs)', "{{kind}} {{phase}}")], "short"),
-    ("Gang restarts", [('sum by (kind) (increase(onevision_operator_gang_restarts_total[1h]))', "{{kind}}")], "short"),
-    ("Reconcile errors by kind", [('sum by (kind, error) (rate(onevision_operator_reconcile_errors_total[5m]))', "{{kind}} {{error}}")], "ops"),
+    ("Gang restarts (1h)", [(f'sum by (kind) (increase(onevision_operator_gang_restarts_total[1h])) or {ZERO_BY_KIND}', "{{kind}}")], "short"),
+    ("Reconcile errors/s", [(f'sum by (kind) (rate(onevision_operator_reconcile_errors_total[5m])) or {ZERO_BY_KIND}', "{{kind}}")], "ops"),
     ("Reconcile latency p95", [('histogram_quantile(0.95, sum by (le, kind) (rate(onevision_operator_reconcile_duration_seconds_bucket[5m])))', "{{kind}}")], "s"),
     ("Reconciles/s", [('sum by (kind) (rate(onevision_operator_reconciles_total[5m]))', "{{kind}}")], "ops"),
     ("Creation to all pods running (mean)", [('sum by (kind) (onevision_operator_time_to_all_pods_running_seconds_sum) / sum by (kind) (onevision_operator_time_to_all_pods_running_seconds_count)', "{{kind}}")], "s"),
