@@ -136,3 +136,32 @@ fn run_fails_with_a_clear_message_and_a_failed_status_on_missing_data() {
     assert_eq!(st["phase"], "Failed");
     assert!(st["conditions"].as_array().unwrap().iter().any(|c| c["type"] == "Failed" && c["reason"] == "PermanentError"), "{st}");
 }
+
+#[test]
+fn grpo_with_rollout_workers_generates_remotely_and_pushes_each_version() {
+    let fx = Fixture::new(16, 4);
+    let manifest = fx.path().join("pool.yaml");
+    let text = MANIFEST
+        .split("---")
+        .next()
+        .unwrap()
+        .replace("{fromSFTJob: tiny-sft}", "{path: /data/model}")
+        .replace("replicas: 0", "replicas: 2")
+        .replace("maxSteps: 3", "maxSteps: 2");
+    std::fs::write(&manifest, text).unwrap();
+    let work = fx.path().join("work");
+    let out = onevision_run(&manifest, &work, fx.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dir = work.join("tiny-grpo");
+    let m = metrics(&dir.join("metrics.jsonl"));
+    assert_eq!(m.len(), 2);
+    assert!(m.iter().all(|x| x["time/weight_sync"].as_f64().unwrap() > 0.0), "no weight sync recorded");
+    // Both workers served (registered) and received every version the trainer produced.
+    let trainer_log = std::fs::read_to_string(dir.join("logs/tiny-grpo-trainer-0.log")).unwrap();
+    assert!(trainer_log.contains("GRPO completions from rollout workers"), "{trainer_log}");
+    for i in 0..2 {
+        let log = std::fs::read_to_string(dir.join(format!("logs/tiny-grpo-rollout-{i}.log"))).unwrap();
+        assert!(log.contains("version=2"), "worker {i} never got version 2:\n{log}");
+    }
+    assert_eq!(json(&dir.join("status.json"))["phase"], "Succeeded");
+}
