@@ -9,7 +9,6 @@ pub mod grad;
 pub mod kernels;
 pub mod model;
 pub mod report;
-pub mod report;
 pub mod rollout;
 pub mod run;
 pub mod trainer;
@@ -39,8 +38,6 @@ pub enum Command {
     Kernels(kernels::Args),
     /// PNG plots (loss, reward, accuracy, KL, throughput) and an HTML page from DIR/metrics.jsonl.
     Report(report::Args),
-    /// PNG plots (loss, reward, accuracy, KL, throughput) and an HTML page from DIR/metrics.jsonl.
-    Report(report::Args),
     /// Rollout worker (pod entrypoint): serves generation and weight updates over gRPC.
     Rollout(rollout::Args),
     /// Trainer pod entrypoint: one rank of an SFTJob/GRPOJob (reads the job file and the operator's env).
@@ -62,8 +59,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Model(args) => model::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Kernels(args) => kernels::run(args),
-            Command::Rollout(args) => rollout::run(args),
-        Command::Report(args) => report::run(args),
+        Command::Rollout(args) => rollout::run(args),
         Command::Report(args) => report::run(args),
         Command::Trainer(args) => trainer::run(args),
         Command::Run(args) => run::run(args),
