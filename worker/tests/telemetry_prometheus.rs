@@ -3,7 +3,11 @@
 //! requests through the real recorders, and every PromQL expression of the "Training job" and
 //! "Rollout pool" dashboards is evaluated through Prometheus's HTTP API: each must return data.
 //!
-//! Without Prometheus the test is skipped with a message, except under CI=true where it fails.
+//! A second test does the same against a real local run: `onevision run` of a tiny GRPOJob (one
+//! trainer process serving `/metrics` on `ONEVISION_METRICS_ADDR`), checking the "Training job"
+//! panels a CPU run without rollout workers can fill (MFU is GPU-only; rollout panels need workers).
+//!
+//! Without Prometheus the tests are skipped with a message, except under CI=true where it fails.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use onevision::telemetry::{GrpoMetrics, JobLabels, Phase, RewardStats, StepMetrics, Telemetry};
 use serde_json::Value;
+
+mod runtime_common;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn in_ci() -> bool {
@@ -45,6 +51,25 @@ struct Killed(Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Stops `onevision run` with SIGTERM (it then stops its trainer processes), SIGKILL after 15 s.
+struct Stopped(Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -139,6 +164,128 @@ fn simulate(t: &Telemetry, tick: u64) {
     }
 }
 
+/// Starts Prometheus scraping `target` every second; returns (process guard, web address, log path).
+fn start_prometheus(prometheus: &Path, dir: &Path, target: SocketAddr) -> (Killed, SocketAddr, PathBuf) {
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+             scrape_configs:\n  - job_name: onevision-workers\n    static_configs: [{{targets: ['{target}']}}]\n"
+        ),
+    )
+    .unwrap();
+    let web: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let log_path = dir.join("prometheus.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let child = Command::new(prometheus)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!("--web.listen-address={web}"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {}: {e}", prometheus.display()));
+    (Killed(child), web, log_path)
+}
+
+/// Evaluates `exprs`; returns the failures (no finite value).
+async fn failing(web: SocketAddr, exprs: &[(String, String)]) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (panel, expr) in exprs {
+        let (code, body) = get(web, &format!("/api/v1/query?query={}", percent_encode(expr))).await.expect("query Prometheus");
+        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        let result = v["data"]["result"].as_array().cloned().unwrap_or_default();
+        let finite = result.iter().any(|s| {
+            s["value"][1].as_str().and_then(|x| x.parse::<f64>().ok()).is_some_and(f64::is_finite)
+        });
+        if code != 200 || v["status"] != "success" || !finite {
+            failures.push(format!("{panel}: {expr}\n  -> HTTP {code}: {body}"));
+        }
+    }
+    failures
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_grpo_run_fills_the_training_dashboard() {
+    let prometheus = match prometheus_binary() {
+        Ok(p) => p,
+        Err(e) if in_ci() => panic!("CI=true and Prometheus is unavailable: {e}"),
+        Err(e) => {
+            eprintln!("SKIPPED (set CI=true to make this fail): {e}");
+            return;
+        }
+    };
+    let fx = runtime_common::Fixture::new(32, 6);
+    let manifest = fx.path().join("grpo.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: onevision.dev/v1alpha1\nkind: GRPOJob\nmetadata: {name: obs-grpo}\nspec:\n\
+         \x20 model: {path: /data/model}\n  dataset: {path: /data/data/train.jsonl}\n  output: {path: /data/out/obs-grpo}\n\
+         \x20 storage: {persistentVolumeClaim: {claimName: data}}\n\
+         \x20 trainer: {nodes: 1, image: onevision:test, masterPort: MASTER, coordinatorPort: COORD}\n  rollout: {replicas: 0}\n\
+         \x20 grpo: {groupSize: 4, maxNewTokens: 16, temperature: 1.0, klBeta: 0.04, rewards: [{name: accuracy}, {name: format, weight: 0.5}]}\n\
+         \x20 hyperparameters: {learningRate: 1.0e-3, globalBatchSize: 8, microBatchSize: 4, maxSteps: 2000}\n\
+         \x20 checkpoint: {everySteps: 2}\n",
+    )
+    .unwrap();
+    // Free ports instead of the defaults (29500, 50051), which other local runs may hold.
+    let text = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .replace("MASTER", &free_port().to_string())
+        .replace("COORD", &free_port().to_string());
+    std::fs::write(&manifest, text).unwrap();
+    let metrics_port = free_port();
+    let target: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+    let run_log = fx.path().join("run.log");
+    let run = Command::new(env!("CARGO_BIN_EXE_onevision"))
+        .arg("run")
+        .arg(&manifest)
+        .arg("--workdir")
+        .arg(fx.path().join("work"))
+        .arg("--data-root")
+        .arg(fx.path())
+        .arg("--no-progress-bars")
+        .env("ONEVISION_METRICS_ADDR", target.to_string())
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&run_log).unwrap())
+        .stderr(std::fs::File::create(fx.path().join("run.err")).unwrap())
+        .spawn()
+        .expect("start onevision run");
+    let _run = Stopped(run);
+    let dir = tempfile::tempdir().unwrap();
+    let (_prom, web, log_path) = start_prometheus(&prometheus, dir.path(), target);
+
+    // The trainer has done a few steps (and a checkpoint) and been scraped a few times.
+    let ready = "onevision_trainer_step >= 3 and count_over_time(onevision_trainer_step[1m]) >= 4 and onevision_trainer_last_checkpoint_timestamp_seconds > 0";
+    let start = Instant::now();
+    loop {
+        if let Ok((200, body)) = get(web, &format!("/api/v1/query?query={}", percent_encode(ready))).await {
+            let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            if v["data"]["result"].as_array().is_some_and(|r| !r.is_empty()) {
+                break;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(180),
+            "the run's trainer was not scraped with 3 steps; Prometheus log:\n{}\nrun stdout:\n{}\nrun stderr:\n{}\ntrainer log:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default(),
+            std::fs::read_to_string(&run_log).unwrap_or_default(),
+            std::fs::read_to_string(fx.path().join("run.err")).unwrap_or_default(),
+            std::fs::read_to_string(fx.path().join("work/obs-grpo/logs/obs-grpo-trainer-0.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let exprs: Vec<(String, String)> = dashboard_exprs("training-job.json")
+        .into_iter()
+        .filter(|(panel, _)| !panel.contains("MFU"))
+        .collect();
+    assert!(exprs.len() >= 15, "{} expressions", exprs.len());
+    let failures = failing(web, &exprs).await;
+    assert!(failures.is_empty(), "{} of {} expressions returned no data from the real run:\n{}", failures.len(), exprs.len(), failures.join("\n"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_worker_dashboard_expression_returns_data_from_a_real_prometheus() {
     let prometheus = match prometheus_binary() {
@@ -162,29 +309,7 @@ async fn every_worker_dashboard_expression_returns_data_from_a_real_prometheus()
     });
 
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
-             scrape_configs:\n  - job_name: onevision-workers\n    static_configs: [{{targets: ['{target}']}}]\n"
-        ),
-    )
-    .unwrap();
-    let port = free_port();
-    let web: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
-    let child = Command::new(&prometheus)
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
-        .arg(format!("--web.listen-address={web}"))
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {}: {e}", prometheus.display()));
-    let _prom = Killed(child);
-    let log_path = dir.path().join("prometheus.log");
+    let (_prom, web, log_path) = start_prometheus(&prometheus, dir.path(), target);
     let show_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
 
     // Ready, then scraped the target successfully a few times (rate() needs two samples).
@@ -204,18 +329,7 @@ async fn every_worker_dashboard_expression_returns_data_from_a_real_prometheus()
     let mut exprs = dashboard_exprs("training-job.json");
     exprs.extend(dashboard_exprs("rollout-pool.json"));
     assert!(exprs.len() >= 25, "{} expressions", exprs.len());
-    let mut failures = Vec::new();
-    for (panel, expr) in &exprs {
-        let (code, body) = get(web, &format!("/api/v1/query?query={}", percent_encode(expr))).await.expect("query Prometheus");
-        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-        let result = v["data"]["result"].as_array().cloned().unwrap_or_default();
-        let finite = result.iter().any(|s| {
-            s["value"][1].as_str().and_then(|x| x.parse::<f64>().ok()).is_some_and(f64::is_finite)
-        });
-        if code != 200 || v["status"] != "success" || !finite {
-            failures.push(format!("{panel}: {expr}\n  -> HTTP {code}: {body}"));
-        }
-    }
+    let failures = failing(web, &exprs).await;
     sim.abort();
     assert!(failures.is_empty(), "{} of {} dashboard expressions returned no data:\n{}", failures.len(), exprs.len(), failures.join("\n"));
 }
