@@ -1,7 +1,8 @@
 //! Real-cluster test harness for onevision (see `docs/testing.md`).
 //!
-//! - [`Cluster::shared`] starts the local control plane once per test binary
-//!   (`scripts/local-cluster up`) or reuses `ONEVISION_KUBECONFIG` / `KUBECONFIG`.
+//! - [`require_cluster!`] / [`cluster_or_skip`]: the cluster of `ONEVISION_KUBECONFIG` (or the
+//!   running local control plane of `scripts/local-cluster up`); without one the test is skipped
+//!   with a message, under `CI=true` it fails.
 //! - [`Cluster::start_node_agent`] runs `onevision-node-agent`, which registers Nodes and
 //!   runs the pods scheduled to them as local processes.
 //! - [`workspace_binary`] / [`BackgroundProcess`] build and run other workspace binaries
@@ -11,7 +12,7 @@
 //! ```no_run
 //! # async fn t() -> Result<(), onevision_tests::Error> {
 //! use onevision_tests::{Cluster, NodeAgentConfig};
-//! let cluster = Cluster::shared()?;
+//! let cluster = Cluster::shared()?; // in a test: onevision_tests::require_cluster!()
 //! let ns = cluster.fresh_namespace("demo").await?;
 //! let agent = cluster.start_node_agent(NodeAgentConfig::for_namespace(&ns)).await?;
 //! cluster.kubectl_ok(&["-n", &ns, "apply", "-f", "pod.yaml"])?;
@@ -311,7 +312,18 @@ pub fn cluster_or_skip(test: &str) -> Result<Option<&'static Cluster>> {
             "CI=true and {test} needs a cluster: {e}"
         ))),
         Err(Error::NotConfigured(why)) => {
-            eprintln!("SKIPPED {test}: {why} (under CI=true this fails instead)");
+            // Straight to the process's stderr: libtest captures `eprintln!` of passing tests,
+            // and a skip must never be silent.
+            use std::io::Write;
+            let name = std::thread::current()
+                .name()
+                .filter(|n| *n != "main")
+                .map(str::to_string)
+                .unwrap_or_else(|| test.to_string());
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED {name}: {why} (under CI=true this fails instead)"
+            );
             Ok(None)
         }
         Err(e) => Err(e),

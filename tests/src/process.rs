@@ -14,6 +14,7 @@ static BUILT: Mutex<Option<HashMap<(String, String), PathBuf>>> = Mutex::new(Non
 /// test binary) into the same target dir and profile as the running test, so tests always run
 /// the current source. `CARGO_BIN_EXE_*` only covers the test's own package; this covers all.
 pub fn workspace_binary(package: &str, bin: &str) -> Result<PathBuf> {
+    // Binary names are unique in the workspace; `package` names the owner in messages.
     let key = (package.to_string(), bin.to_string());
     let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(p) = built.get_or_insert_with(HashMap::new).get(&key) {
@@ -49,7 +50,9 @@ pub fn workspace_binary(package: &str, bin: &str) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(&cargo);
     cmd.current_dir(workspace_root())
-        .args(["build", "--quiet", "-p", package, "--bin", bin])
+        // `--workspace` (rather than `-p`): features resolve as in `cargo test --workspace`
+        // (what CI runs), so the dependencies it already built are reused, not rebuilt.
+        .args(["build", "--quiet", "--workspace", "--bin", bin])
         .env("CARGO_TARGET_DIR", &target_dir);
     // `cargo test` gives the test process package variables (CARGO_MANIFEST_DIR, CARGO_PKG_*,
     // ...). Build scripts such as ring's declare `rerun-if-env-changed` on them, so passing them
@@ -88,7 +91,7 @@ pub fn workspace_binary(package: &str, bin: &str) -> Result<PathBuf> {
         .map_err(io_err(PathBuf::from(&cargo)))?;
     if !out.status.success() {
         return Err(Error::Command {
-            what: format!("cargo build -p {package} --bin {bin}"),
+            what: format!("cargo build --workspace --bin {bin} (package {package})"),
             detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
