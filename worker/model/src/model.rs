@@ -98,6 +98,9 @@ pub struct Qwen25Vl {
     pub vision: VisionWeights,
     pub text: TextWeights,
     backend: Arc<dyn Backend>,
+    /// Activation recomputation in training: keep only each layer's input and recompute its
+    /// activations during backward (see [`Qwen25Vl::set_recompute`]).
+    pub(crate) recompute: bool,
 }
 
 /// Host F32 copy of pixel values that may live on the host (any dtype) or on the device.
@@ -191,7 +194,7 @@ impl Qwen25Vl {
             norm: take(&mut w, "model.norm.weight", be)?,
             lm_head: if tc.tie_word_embeddings { None } else { Some(take(&mut w, "lm_head.weight", be)?) },
         };
-        Ok(Qwen25Vl { config, vision, text, backend })
+        Ok(Qwen25Vl { config, vision, text, backend, recompute: false })
     }
 
     /// The patch-embedding Conv3d kernel viewed as a linear weight [hidden, C·Tp·P·P].

@@ -1,6 +1,7 @@
 //! Full-model forward with saved activations and its backward: gradients of every official
 //! parameter for a given ∂loss/∂logits (the training crate supplies the loss).
-//! Activations are kept per layer; backward recomputes attention probabilities.
+//! Activations are kept per layer (or, with [`Qwen25Vl::set_recompute`], only each layer's input,
+//! the layer being re-run during backward); backward recomputes attention probabilities.
 use crate::backend::{AttnMask, AttnSpec, Backend};
 use crate::error::{ModelError, Result};
 use crate::model::{host_f32, PromptInput, Qwen25Vl};
@@ -28,7 +29,7 @@ struct VisionTape {
     px: Tensor,
     cos: Tensor,
     sin: Tensor,
-    blocks: Vec<VisionBlockActs>,
+    blocks: Vec<Saved<VisionBlockActs>>,
     x_final: Tensor,
     merged_in: Tensor,
     pre_gelu: Tensor,
@@ -49,6 +50,22 @@ struct TextLayerActs {
     act: Tensor,
 }
 
+/// A layer's saved activations, or only its input when they are recomputed in backward.
+enum Saved<A> {
+    Full(A),
+    Input(Tensor),
+}
+
+impl<A> Saved<A> {
+    fn keep(acts: A, x_in: impl FnOnce(A) -> Tensor, recompute: bool) -> Self {
+        if recompute {
+            Saved::Input(x_in(acts))
+        } else {
+            Saved::Full(acts)
+        }
+    }
+}
+
 /// Everything `backward` needs from the forward.
 pub struct Tape {
     ids: Vec<u32>,
@@ -57,11 +74,33 @@ pub struct Tape {
     cos: Tensor,
     sin: Tensor,
     spec: AttnSpec,
-    layers: Vec<TextLayerActs>,
+    layers: Vec<Saved<TextLayerActs>>,
     x_final: Tensor,
     hn: Tensor,
     b: usize,
     t: usize,
+}
+
+impl Tape {
+    /// Bytes of activations held for backward (what recomputation saves on).
+    pub fn saved_bytes(&self) -> usize {
+        fn t(x: &Tensor) -> usize {
+            x.numel() * x.dtype().size_in_bytes()
+        }
+        fn text(s: &Saved<TextLayerActs>) -> usize {
+            match s {
+                Saved::Input(x) => t(x),
+                Saved::Full(a) => [&a.x_in, &a.h1, &a.q, &a.k, &a.v, &a.a, &a.x_mid, &a.h2, &a.g, &a.u, &a.act].iter().map(|x| t(x)).sum(),
+            }
+        }
+        fn vision(s: &Saved<VisionBlockActs>) -> usize {
+            match s {
+                Saved::Input(x) => t(x),
+                Saved::Full(a) => [&a.x_in, &a.h1, &a.q, &a.k, &a.v, &a.a, &a.x_mid, &a.h2, &a.g, &a.u, &a.act].iter().map(|x| t(x)).sum(),
+            }
+        }
+        self.layers.iter().map(text).sum::<usize>() + self.vision.as_ref().map_or(0, |v| v.blocks.iter().map(vision).sum())
+    }
 }
 
 pub struct TrainForward {
@@ -97,23 +136,11 @@ impl Qwen25Vl {
         let sin = be.gather_rows(&be.to_device(&Tensor::from_f32(&[n, hd], sin)?)?, &layout.patch_index)?;
         let px = be.to_device(&host_f32(be, px)?)?;
         let mut x = be.gather_rows(&be.linear(&px, &self.patch_matrix()?, None)?, &layout.patch_index)?;
-        let (hs, nh) = (vc.hidden_size, vc.num_heads);
+        let hs = vc.hidden_size;
         let mut blocks = Vec::with_capacity(vc.depth);
-        for (i, b) in self.vision.blocks.iter().enumerate() {
-            let spec = self.vision_spec(&layout, i, n);
-            let h1 = be.rms_norm(&x, &b.norm1, 1e-6)?;
-            let parts = be.split_last(&be.linear(&h1, &b.qkv_w, Some(&b.qkv_b))?, &[hs, hs, hs])?;
-            let q = be.rope(&parts[0].reshape(&[n, nh, hd])?, &cos, &sin)?.reshape(&[1, n, nh, hd])?;
-            let k = be.rope(&parts[1].reshape(&[n, nh, hd])?, &cos, &sin)?.reshape(&[1, n, nh, hd])?;
-            let v = parts[2].reshape(&[1, n, nh, hd])?;
-            let a = be.attention(&q, &k, &v, &spec)?.reshape(&[n, hs])?;
-            let x_mid = be.add(&x, &be.linear(&a, &b.proj_w, Some(&b.proj_b))?)?;
-            let h2 = be.rms_norm(&x_mid, &b.norm2, 1e-6)?;
-            let g = be.linear(&h2, &b.gate_w, Some(&b.gate_b))?;
-            let u = be.linear(&h2, &b.up_w, Some(&b.up_b))?;
-            let act = be.swiglu(&g, &u)?;
-            let x_out = be.add(&x_mid, &be.linear(&act, &b.down_w, Some(&b.down_b))?)?;
-            blocks.push(VisionBlockActs { x_in: x, h1, q, k, v, a, x_mid, h2, g, u, act });
+        for i in 0..self.vision.blocks.len() {
+            let (x_out, acts) = self.vision_block_forward(i, x, &layout, &cos, &sin)?;
+            blocks.push(Saved::keep(acts, |a| a.x_in, self.recompute));
             x = x_out;
         }
         let unit = vc.merge_unit();
@@ -122,6 +149,62 @@ impl Qwen25Vl {
         let post_gelu = be.gelu(&pre_gelu)?;
         let out = be.gather_rows(&be.linear(&post_gelu, &self.vision.mlp2_w, Some(&self.vision.mlp2_b))?, &layout.inverse)?;
         Ok((out, VisionTape { layout, px, cos, sin, blocks, x_final: x, merged_in, pre_gelu, post_gelu }))
+    }
+
+    /// One vision block on `x` (window-ordered patch rows): its output and saved activations.
+    fn vision_block_forward(&self, i: usize, x: Tensor, layout: &WindowLayout, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, VisionBlockActs)> {
+        let be = self.backend();
+        let vc = &self.config.vision;
+        let (hs, nh, hd) = (vc.hidden_size, vc.num_heads, vc.head_dim());
+        let n = x.dim(0);
+        let b = &self.vision.blocks[i];
+        let spec = self.vision_spec(layout, i, n);
+        let h1 = be.rms_norm(&x, &b.norm1, 1e-6)?;
+        let parts = be.split_last(&be.linear(&h1, &b.qkv_w, Some(&b.qkv_b))?, &[hs, hs, hs])?;
+        let q = be.rope(&parts[0].reshape(&[n, nh, hd])?, cos, sin)?.reshape(&[1, n, nh, hd])?;
+        let k = be.rope(&parts[1].reshape(&[n, nh, hd])?, cos, sin)?.reshape(&[1, n, nh, hd])?;
+        let v = parts[2].reshape(&[1, n, nh, hd])?;
+        let a = be.attention(&q, &k, &v, &spec)?.reshape(&[n, hs])?;
+        let x_mid = be.add(&x, &be.linear(&a, &b.proj_w, Some(&b.proj_b))?)?;
+        let h2 = be.rms_norm(&x_mid, &b.norm2, 1e-6)?;
+        let g = be.linear(&h2, &b.gate_w, Some(&b.gate_b))?;
+        let u = be.linear(&h2, &b.up_w, Some(&b.up_b))?;
+        let act = be.swiglu(&g, &u)?;
+        let x_out = be.add(&x_mid, &be.linear(&act, &b.down_w, Some(&b.down_b))?)?;
+        Ok((x_out, VisionBlockActs { x_in: x, h1, q, k, v, a, x_mid, h2, g, u, act }))
+    }
+
+    /// One text decoder layer on `x` [b·t, hidden]: its output and saved activations.
+    fn text_layer_forward(&self, li: usize, x: Tensor, cos: &Tensor, sin: &Tensor, spec: &AttnSpec, b: usize, t: usize) -> Result<(Tensor, TextLayerActs)> {
+        let be = self.backend();
+        let tc = &self.config.text;
+        let (hq, hkv, hd) = (tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim);
+        let eps = tc.rms_norm_eps as f32;
+        let l = &self.text.layers[li];
+        let h1 = be.rms_norm(&x, &l.input_norm, eps)?;
+        let q = be.rope(&be.linear(&h1, &l.q_w, Some(&l.q_b))?.reshape(&[b * t, hq, hd])?, cos, sin)?.reshape(&[b, t, hq, hd])?;
+        let k = be.rope(&be.linear(&h1, &l.k_w, Some(&l.k_b))?.reshape(&[b * t, hkv, hd])?, cos, sin)?.reshape(&[b, t, hkv, hd])?;
+        let v = be.linear(&h1, &l.v_w, Some(&l.v_b))?.reshape(&[b, t, hkv, hd])?;
+        let a = be.attention(&q, &k, &v, spec)?.reshape(&[b * t, hq * hd])?;
+        let x_mid = be.add(&x, &be.linear(&a, &l.o_w, None)?)?;
+        let h2 = be.rms_norm(&x_mid, &l.post_norm, eps)?;
+        let g = be.linear(&h2, &l.gate_w, None)?;
+        let u = be.linear(&h2, &l.up_w, None)?;
+        let act = be.swiglu(&g, &u)?;
+        let x_out = be.add(&x_mid, &be.linear(&act, &l.down_w, None)?)?;
+        Ok((x_out, TextLayerActs { x_in: x, h1, q, k, v, a, x_mid, h2, g, u, act }))
+    }
+
+    /// Activation recomputation for training: with `on`, [`forward_train`](Self::forward_train)
+    /// keeps only each text layer's and vision block's input and [`backward`](Self::backward)
+    /// re-runs the layer to get its activations back — one extra forward for about
+    /// 1/11 of the activation memory. Gradients are identical either way.
+    pub fn set_recompute(&mut self, on: bool) {
+        self.recompute = on;
+    }
+
+    pub fn recompute(&self) -> bool {
+        self.recompute
     }
 
     fn vision_spec(&self, layout: &WindowLayout, block: usize, n: usize) -> AttnSpec {
@@ -185,26 +268,16 @@ impl Qwen25Vl {
             x = be.scatter_rows(&x, &image_rows, &feats)?;
             Some(tape)
         };
-        let (hq, hkv, hd) = (tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim);
+        let hd = tc.head_dim;
         let (cos, sin) = mrope_tables(&pos, hd, tc.rope_theta, &tc.mrope_section)?;
         let cos = be.to_device(&Tensor::from_f32(&[b * t, hd], cos)?)?;
         let sin = be.to_device(&Tensor::from_f32(&[b * t, hd], sin)?)?;
         let spec = AttnSpec { scale: 1.0 / (hd as f32).sqrt(), mask: AttnMask::Causal { q_offset: 0, key_start: pad.clone() }, kv_len: t };
         let eps = tc.rms_norm_eps as f32;
         let mut layers = Vec::with_capacity(tc.num_hidden_layers);
-        for l in &self.text.layers {
-            let h1 = be.rms_norm(&x, &l.input_norm, eps)?;
-            let q = be.rope(&be.linear(&h1, &l.q_w, Some(&l.q_b))?.reshape(&[b * t, hq, hd])?, &cos, &sin)?.reshape(&[b, t, hq, hd])?;
-            let k = be.rope(&be.linear(&h1, &l.k_w, Some(&l.k_b))?.reshape(&[b * t, hkv, hd])?, &cos, &sin)?.reshape(&[b, t, hkv, hd])?;
-            let v = be.linear(&h1, &l.v_w, Some(&l.v_b))?.reshape(&[b, t, hkv, hd])?;
-            let a = be.attention(&q, &k, &v, &spec)?.reshape(&[b * t, hq * hd])?;
-            let x_mid = be.add(&x, &be.linear(&a, &l.o_w, None)?)?;
-            let h2 = be.rms_norm(&x_mid, &l.post_norm, eps)?;
-            let g = be.linear(&h2, &l.gate_w, None)?;
-            let u = be.linear(&h2, &l.up_w, None)?;
-            let act = be.swiglu(&g, &u)?;
-            let x_out = be.add(&x_mid, &be.linear(&act, &l.down_w, None)?)?;
-            layers.push(TextLayerActs { x_in: x, h1, q, k, v, a, x_mid, h2, g, u, act });
+        for li in 0..self.text.layers.len() {
+            let (x_out, acts) = self.text_layer_forward(li, x, &cos, &sin, &spec, b, t)?;
+            layers.push(Saved::keep(acts, |a| a.x_in, self.recompute));
             x = x_out;
         }
         let hn = be.rms_norm(&x, &self.text.norm, eps)?;
@@ -230,8 +303,16 @@ impl Qwen25Vl {
         let (mut dx, dn) = be.rms_norm_backward(&head.dx, &tape.x_final, &self.text.norm, eps)?;
         acc(be, &mut grads, "model.norm.weight".into(), dn)?;
         let (hq, hkv, hd) = (tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim);
-        for (li, (l, s)) in self.text.layers.iter().zip(&tape.layers).enumerate().rev() {
+        for (li, (l, saved)) in self.text.layers.iter().zip(&tape.layers).enumerate().rev() {
             let p = format!("model.layers.{li}");
+            let recomputed;
+            let s = match saved {
+                Saved::Full(a) => a,
+                Saved::Input(x_in) => {
+                    recomputed = self.text_layer_forward(li, x_in.clone(), &tape.cos, &tape.sin, &tape.spec, b, t)?.1;
+                    &recomputed
+                }
+            };
             let down = be.linear_backward(&dx, &s.act, &l.down_w, false)?;
             acc(be, &mut grads, format!("{p}.mlp.down_proj.weight"), down.dw)?;
             let (dg, du) = be.swiglu_backward(&down.dx, &s.g, &s.u)?;
@@ -297,8 +378,16 @@ impl Qwen25Vl {
         let (mut dx, dln) = be.rms_norm_backward(&m0.dx.reshape(&[n, hs])?, &vt.x_final, &vw.ln_q, 1e-6)?;
         acc(be, grads, "visual.merger.ln_q.weight".into(), dln)?;
         let bias = |g: Option<Tensor>| g.ok_or_else(|| ModelError::Invalid("bias grad".into()));
-        for (i, (bw, s)) in vw.blocks.iter().zip(&vt.blocks).enumerate().rev() {
+        for (i, (bw, saved)) in vw.blocks.iter().zip(&vt.blocks).enumerate().rev() {
             let p = format!("visual.blocks.{i}");
+            let recomputed;
+            let s = match saved {
+                Saved::Full(a) => a,
+                Saved::Input(x_in) => {
+                    recomputed = self.vision_block_forward(i, x_in.clone(), &vt.layout, &vt.cos, &vt.sin)?.1;
+                    &recomputed
+                }
+            };
             let down = be.linear_backward(&dx, &s.act, &bw.down_w, true)?;
             acc(be, grads, format!("{p}.mlp.down_proj.weight"), down.dw)?;
             acc(be, grads, format!("{p}.mlp.down_proj.bias"), bias(down.db)?)?;
