@@ -192,7 +192,7 @@ impl Engine {
                         let g = [g[0] as usize, g[1] as usize, g[2] as usize];
                         let patches = g[0].checked_mul(g[1]).and_then(|x| x.checked_mul(g[2])).unwrap_or(usize::MAX);
                         let sm = mc.vision.spatial_merge_size;
-                        if patches == 0 || g[1] % sm != 0 || g[2] % sm != 0 {
+                        if patches == 0 || !g[1].is_multiple_of(sm) || !g[2].is_multiple_of(sm) {
                             return Err(invalid(format!(
                                 "image {i}: grid {g:?} is empty or not divisible by the spatial merge size {sm}"
                             )));

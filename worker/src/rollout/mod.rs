@@ -19,13 +19,12 @@
 //! let workers: Vec<WorkerStatus> = pool.workers().await?;
 //! ```
 //!
-//! [`PoolSource`] plugs the pool into the GRPO loop (`runtime::grpo::RolloutSource`).
+//! `runtime::grpo::WorkerPool` plugs the pool into the GRPO loop.
 
 mod engine;
 mod error;
 mod pool;
 mod server;
-mod source;
 
 pub use engine::{expand_image_pads, Engine, EngineConfig, GroupOutput, PreparedGroup};
 pub use error::{RolloutError, WorkerError};
@@ -34,4 +33,3 @@ pub use pool::{
     Sampling, SyncStats, WorkerSource, WorkerStatus,
 };
 pub use server::{serve_rollout, RolloutServerHandle, RolloutService, ServerConfig};
-pub use source::PoolSource;

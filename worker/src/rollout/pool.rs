@@ -73,6 +73,8 @@ impl Default for PoolConfig {
 }
 
 /// Where the pool learns which workers exist now.
+// One per pool: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 pub enum WorkerSource {
     /// `RolloutRegistry.ListRollouts` on the coordinator (give the client a short
