@@ -165,3 +165,46 @@ fn grpo_with_rollout_workers_generates_remotely_and_pushes_each_version() {
     }
     assert_eq!(json(&dir.join("status.json"))["phase"], "Succeeded");
 }
+
+#[test]
+fn interrupting_run_leaves_a_checkpoint_and_rerunning_resumes_to_the_end() {
+    let fx = Fixture::new(64, 2);
+    let manifest = fx.path().join("long.yaml");
+    let text = MANIFEST.split("---").nth(1).unwrap().replace("maxSteps: 6", "maxSteps: 300").replace("everySteps: 3, keep: 2", "everySteps: 1000, keep: 2");
+    std::fs::write(&manifest, text).unwrap();
+    let work = fx.path().join("work");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_onevision"))
+        .arg("run")
+        .arg(&manifest)
+        .arg("--workdir")
+        .arg(&work)
+        .arg("--data-root")
+        .arg(fx.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics_file = work.join("tiny-sft/metrics.jsonl");
+    let t = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics_file).map(|s| s.lines().count()).unwrap_or(0) < 3 {
+        assert!(t.elapsed() < std::time::Duration::from_secs(120), "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(onevision::runtime::EXIT_INTERRUPTED), "{stderr}");
+    assert!(stderr.contains("run the same command again to resume"), "{stderr}");
+    let st = json(&work.join("tiny-sft/status.json"));
+    let step = st["progress"]["step"].as_u64().unwrap();
+    assert!(step >= 3 && step < 300, "{st}");
+    assert!(work.join(format!("tiny-sft/checkpoints/ckpt-{step:010}")).is_dir(), "no checkpoint at step {step}");
+
+    let again = onevision_run(&manifest, &work, fx.path());
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    let m = metrics(&metrics_file);
+    assert_eq!(m.len(), 300);
+    assert!(m.iter().enumerate().all(|(i, x)| x["step"] == (i + 1) as u64), "steps not contiguous after resume");
+    assert_eq!(json(&work.join("tiny-sft/status.json"))["phase"], "Succeeded");
+}

@@ -326,16 +326,13 @@ pub fn run(opts: &RunOptions) -> Result<Vec<JobOutcome>> {
         None => std::env::current_exe().map_err(io_err("current executable"))?,
     };
     let bars = opts.progress_bars.unwrap_or_else(|| std::io::stderr().is_terminal());
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // A worker thread keeps the signal listeners polled while this thread supervises.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .map_err(|e| RuntimeError::Config(format!("cannot start the async runtime: {e}")))?;
     let stop = StopFlag::install(&rt);
-    // Keep the signal listeners polled while we supervise.
-    let _rt_thread = {
-        let handle = rt.handle().clone();
-        std::thread::spawn(move || handle.block_on(std::future::pending::<()>()))
-    };
 
     let mut order: Vec<&AnyJob> = jobs.iter().filter(|j| matches!(j, AnyJob::Sft(_))).collect();
     order.extend(jobs.iter().filter(|j| matches!(j, AnyJob::Grpo(_))));
@@ -561,7 +558,9 @@ fn run_gang(
         }
         let codes: Vec<Option<i32>> = trainers.iter_mut().map(poll).collect();
         if let Some((i, c)) = codes.iter().enumerate().find_map(|(i, c)| c.filter(|&c| c != 0).map(|c| (i, c))) {
-            if forwarded {
+            // 130: a rank stopped on a signal (e.g. Ctrl-C reached the whole process group).
+            if forwarded || c == super::EXIT_INTERRUPTED {
+                stop.set("a trainer rank was interrupted");
                 terminate(&mut trainers, Duration::from_secs(120));
                 break GangEnd::Interrupted;
             }
