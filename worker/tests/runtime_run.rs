@@ -208,3 +208,59 @@ fn interrupting_run_leaves_a_checkpoint_and_rerunning_resumes_to_the_end() {
     assert!(m.iter().enumerate().all(|(i, x)| x["step"] == (i + 1) as u64), "steps not contiguous after resume");
     assert_eq!(json(&work.join("tiny-sft/status.json"))["phase"], "Succeeded");
 }
+
+/// Pid of the running process whose command line mentions `needle` and whose environment has `env`.
+fn find_process(needle: &str, env: &str) -> Option<i32> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let environ = std::fs::read(e.path().join("environ")).unwrap_or_default();
+        let has = |hay: &[u8], n: &str| hay.split(|b| *b == 0).any(|s| String::from_utf8_lossy(s).contains(n));
+        if has(&cmd, needle) && has(&cmd, "trainer") && has(&environ, env) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[test]
+fn a_killed_rank_restarts_the_gang_from_the_last_checkpoint_and_the_curve_continues() {
+    let fx = Fixture::new(64, 2);
+    let manifest = fx.path().join("gang.yaml");
+    let text = MANIFEST.split("---").nth(1).unwrap().replace("maxSteps: 6", "maxSteps: 200").replace("everySteps: 3, keep: 2", "everySteps: 5, keep: 2");
+    std::fs::write(&manifest, text).unwrap();
+    let work = fx.path().join("work");
+    let child = Command::new(env!("CARGO_BIN_EXE_onevision"))
+        .arg("run")
+        .arg(&manifest)
+        .arg("--workdir")
+        .arg(&work)
+        .arg("--data-root")
+        .arg(fx.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics_file = work.join("tiny-sft/metrics.jsonl");
+    let t = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics_file).map(|s| s.lines().count()).unwrap_or(0) < 7 {
+        assert!(t.elapsed() < std::time::Duration::from_secs(120), "no progress");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let job = work.join("tiny-sft/job.yaml").display().to_string();
+    let rank1 = find_process(&job, "ONEVISION_REPLICA_INDEX=1").expect("rank 1 process");
+    unsafe {
+        libc::kill(rank1, libc::SIGKILL);
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("restarting the gang (1/3)"), "{stderr}");
+    let st = json(&work.join("tiny-sft/status.json"));
+    assert_eq!(st["phase"], "Succeeded");
+    assert_eq!(st["restarts"], 1);
+    let m = metrics(&metrics_file);
+    assert_eq!(m.len(), 200, "the curve must continue from the checkpoint without gaps or duplicates");
+    assert!(m.iter().enumerate().all(|(i, x)| x["step"] == (i + 1) as u64));
+    let log = std::fs::read_to_string(work.join("tiny-sft/logs/tiny-sft-trainer-0.log")).unwrap();
+    assert!(log.contains("resumed"), "the restarted gang did not resume from a checkpoint:\n{log}");
+}
