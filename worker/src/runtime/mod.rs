@@ -8,6 +8,7 @@ pub mod env;
 pub mod eval;
 pub mod grpo;
 pub mod local;
+pub mod pod_progress;
 pub mod report;
 pub mod settings;
 pub mod sft;

@@ -92,6 +92,8 @@ pub struct Reporter {
     dir: PathBuf,
     metrics: File,
     pub status: StatusFile,
+    /// In a cluster: the pod annotation the operator turns into `status.progress`.
+    pod: Option<super::pod_progress::PodProgress>,
 }
 
 impl Reporter {
@@ -140,7 +142,7 @@ impl Reporter {
         status.status.model_path = Some(model_path.to_string());
         set_condition(&mut status.status, condition::CREATED, true, reason::CREATED, "trainer started");
         set_condition(&mut status.status, condition::RUNNING, true, reason::ALL_PODS_RUNNING, "all trainer ranks joined");
-        let r = Reporter { dir: dir.to_path_buf(), metrics, status };
+        let r = Reporter { dir: dir.to_path_buf(), metrics, status, pod: super::pod_progress::PodProgress::from_env() };
         r.write_status()?;
         Ok(r)
     }
@@ -155,6 +157,9 @@ impl Reporter {
     pub fn progress(&mut self, p: Progress) -> Result<()> {
         if let Some(t) = p.total_steps {
             self.status.status.step_progress = Some(format!("{}/{t}", p.step));
+        }
+        if let Some(pod) = self.pod.as_mut() {
+            pod.publish(&p);
         }
         self.status.status.progress = Some(p);
         self.write_status()
