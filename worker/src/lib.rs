@@ -3,9 +3,9 @@
 
 pub mod cli;
 pub mod rollout;
-pub mod training;
 pub mod runtime;
 pub mod telemetry;
+pub mod training;
 
 /// Exit code for errors a retry cannot fix (bad config, missing data). The operator fails the
 /// job at once on this code instead of restarting the gang.

@@ -544,10 +544,10 @@ impl Ring {
                     if add {
                         let tmp = &mut scratch[..b - a];
                         self.recv(op, total_bytes, a * 4, bytemuck::cast_slice_mut(tmp))?;
-                        // Incoming partial sum first, then this rank's value: the fold order
-                        // documented in `ring_sum_order`.
+                        // partial + own (IEEE addition is commutative, so this is exactly the
+                        // fold order documented in `ring_sum_order`).
                         for (d, p) in dst.iter_mut().zip(tmp.iter()) {
-                            *d = *p + *d;
+                            *d += *p;
                         }
                     } else {
                         self.recv(op, total_bytes, a * 4, bytemuck::cast_slice_mut(dst))?;

@@ -271,7 +271,7 @@ impl CoordinatorClient {
         let c = self.coordinator.clone();
         with_retry(&self.policy, &self.endpoint, "Heartbeat", self.policy.call_timeout, |t| {
             let mut c = c.clone();
-            let r = req.clone();
+            let r = req;
             async move { c.heartbeat(request(r, t)).await.map(|x| x.into_inner()) }
         })
         .await
@@ -298,7 +298,7 @@ impl CoordinatorClient {
             let c = self.coordinator.clone();
             let res = with_retry(&self.policy, &self.endpoint, "BeginStep", wait + self.policy.call_timeout, |t| {
                 let mut c = c.clone();
-                let r = req.clone();
+                let r = req;
                 async move { c.begin_step(request(r, t)).await.map(|x| x.into_inner()) }
             })
             .await;
