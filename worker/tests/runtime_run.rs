@@ -173,7 +173,7 @@ fn interrupting_run_leaves_a_checkpoint_and_rerunning_resumes_to_the_end() {
     let text = MANIFEST.split("---").nth(1).unwrap().replace("maxSteps: 6", "maxSteps: 300").replace("everySteps: 3, keep: 2", "everySteps: 1000, keep: 2");
     std::fs::write(&manifest, text).unwrap();
     let work = fx.path().join("work");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_onevision"))
+    let child = Command::new(env!("CARGO_BIN_EXE_onevision"))
         .arg("run")
         .arg(&manifest)
         .arg("--workdir")
