@@ -2,6 +2,8 @@
 //! weight decay) against the same three steps with `torch.optim.AdamW` in transformers
 //! (tests/reference/generate.py `--only adamw`), then the HF export of the result.
 
+mod reference_fixtures;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -9,11 +11,10 @@ use onevision::training::{sft_step, Encoder, Freeze, StepOptions, Trainer, Train
 use onevision_data::{Dataset, ReadOptions};
 use onevision_model::{CpuBackend, DType, Qwen25Vl};
 use onevision_train::{AdamWConfig, GroupSpec, Schedule, ScheduleKind, Warmup};
-use safetensors::SafeTensors;
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/fixtures/tiny-tied-f32")
+    reference_fixtures::fixture("tiny-tied-f32")
 }
 
 fn trainer(model_dir: &Path, expected: &Value) -> Trainer {
@@ -32,11 +33,10 @@ fn trainer(model_dir: &Path, expected: &Value) -> Trainer {
 }
 
 fn sft_batch(dir: &Path, enc: &Encoder, tmp: &Path) -> Vec<onevision::training::SftExample> {
-    let cases: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("grad_cases.json")).unwrap()).unwrap();
+    let cases = reference_fixtures::read_json(&dir.join("grad_cases.json"));
     let case = &cases[0];
     assert!(case["images"].as_array().unwrap().is_empty(), "the AdamW fixture uses the text-only case");
-    let row = serde_json::json!({"messages": [
-        {"role": "user", "content": case["prompt"]}, {"role": "assistant", "content": case["answer"]}]});
+    let row = reference_fixtures::sft_row(dir, case);
     let data = tmp.join("row.jsonl");
     std::fs::write(&data, format!("{row}\n")).unwrap();
     let ds = Dataset::open(&data, &ReadOptions::default()).unwrap();
@@ -70,11 +70,8 @@ fn three_adamw_steps_equal_torch_optim_adamw_and_export_round_trips() {
     // steps move every element by ≈ lr·sign(g), so elements whose gradient is at f32 noise level can
     // differ by up to 2·lr; they are few, hence a 1e-2 bound on the tensor's update (a wrong β, bias
     // correction or weight decay gives O(1) errors).
-    let bytes = std::fs::read(dir.join("adamw/params_after.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
     let mut checked = 0;
-    for (name, view) in st.tensors() {
-        let want: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    for (name, want) in reference_fixtures::read_f32_tensors(&dir.join("adamw/params_after.safetensors")) {
         let got = &t.master().get(&name).unwrap_or_else(|| panic!("no master weight {name}")).data;
         let b = &before[&name];
         let (mut num, mut den) = (0.0f64, 0.0f64);

@@ -5,36 +5,16 @@
 //! error (‖g − g_ref‖ / ‖g_ref‖) < 1e-3. Both sides compute in f32 (bf16 checkpoints are upcast), so
 //! the differences are summation-order rounding, orders of magnitude below these bounds.
 
+mod reference_fixtures;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use safetensors::SafeTensors;
+use reference_fixtures::{fixture, read_f32_tensors as load_f32, read_json, sft_row};
 use serde_json::Value;
 
 const CKPTS: [&str; 2] = ["tiny-tied-f32", "tiny-untied-bf16"];
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/fixtures")
-}
-
-fn read_json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
-        .unwrap()
-}
-
-fn load_f32(path: &Path) -> BTreeMap<String, Vec<f32>> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, view)| {
-            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}: gradients are f32");
-            let v = view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-            (name, v)
-        })
-        .collect()
-}
 
 /// Runs `onevision grad` and returns (loss, tokens, gradients).
 fn run_grad(args: &[&str], out: &Path) -> (f64, u64, BTreeMap<String, Vec<f32>>) {
@@ -83,22 +63,11 @@ fn assert_grads_match(label: &str, got: &BTreeMap<String, Vec<f32>>, want: &BTre
 fn sft_loss_and_gradients_equal_pytorch_autograd() {
     let tmp = tempfile::tempdir().unwrap();
     for ckpt in CKPTS {
-        let dir = fixtures().join(ckpt);
+        let dir = fixture(ckpt);
         let cases = read_json(&dir.join("grad_cases.json"));
         for case in cases.as_array().unwrap() {
             let name = case["name"].as_str().unwrap();
-            let images: Vec<String> = case["images"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| dir.join(p.as_str().unwrap()).canonicalize().unwrap().display().to_string())
-                .collect();
-            // Images before the text in one user turn, as the fixture's chat rendering.
-            let user = format!("{}{}", "<image>".repeat(images.len()), case["prompt"].as_str().unwrap());
-            let row = serde_json::json!({
-                "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": case["answer"]}],
-                "images": images,
-            });
+            let row = sft_row(&dir, case);
             let data = tmp.path().join(format!("{ckpt}-{name}.jsonl"));
             std::fs::write(&data, format!("{row}\n")).unwrap();
             let out = tmp.path().join(format!("{ckpt}-{name}.safetensors"));
@@ -120,7 +89,7 @@ fn sft_loss_and_gradients_equal_pytorch_autograd() {
 fn grpo_loss_and_gradients_equal_pytorch_autograd() {
     let tmp = tempfile::tempdir().unwrap();
     for ckpt in CKPTS {
-        let dir = fixtures().join(ckpt).join("grpo");
+        let dir = fixture(ckpt).join("grpo");
         let expected = read_json(&dir.join("expected.json"));
         for (variant, v) in expected["variants"].as_object().unwrap() {
             let beta = v["beta"].as_f64().unwrap();
@@ -151,7 +120,7 @@ fn grpo_loss_and_gradients_equal_pytorch_autograd() {
 
 #[test]
 fn grad_rejects_beta_without_reference_and_bad_rows() {
-    let dir = fixtures().join("tiny-tied-f32");
+    let dir = fixture("tiny-tied-f32");
     let model = dir.join("model");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("g.safetensors");

@@ -4,6 +4,8 @@
 //! schedule. Also checks that accumulating micro-batches with the global token denominator gives
 //! the full batch's gradient.
 
+mod reference_fixtures;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -11,27 +13,17 @@ use onevision::training::{sft_step, Encoder, Freeze, SftExample, StepOptions, Tr
 use onevision_data::{Dataset, ReadOptions};
 use onevision_model::{CpuBackend, DType, Qwen25Vl};
 use onevision_train::{AdamWConfig, GradAccumulator, Schedule, ScheduleKind, Warmup};
-use serde_json::Value;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/fixtures/tiny-tied-f32")
+    reference_fixtures::fixture("tiny-tied-f32")
 }
 
 fn batch(enc: &Encoder, tmp: &Path) -> Vec<SftExample> {
     let dir = fixtures();
-    let cases: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("grad_cases.json")).unwrap()).unwrap();
+    let cases = reference_fixtures::read_json(&dir.join("grad_cases.json"));
     let mut lines = String::new();
     for case in cases.as_array().unwrap() {
-        let images: Vec<String> = case["images"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| dir.join(p.as_str().unwrap()).canonicalize().unwrap().display().to_string())
-            .collect();
-        let user = format!("{}{}", "<image>".repeat(images.len()), case["prompt"].as_str().unwrap());
-        let row = serde_json::json!({"messages": [{"role": "user", "content": user},
-            {"role": "assistant", "content": case["answer"]}], "images": images});
-        lines.push_str(&format!("{row}\n"));
+        lines.push_str(&format!("{}\n", reference_fixtures::sft_row(&dir, case)));
     }
     let data = tmp.join("rows.jsonl");
     std::fs::write(&data, lines).unwrap();
