@@ -19,6 +19,7 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::json;
+use tracing::Instrument;
 
 use crate::api::*;
 use crate::job::TrainingJob;
@@ -108,6 +109,26 @@ fn key_of<K: Resource>(kind: &str, obj: &K) -> String {
         obj.meta().namespace.as_deref().unwrap_or_default(),
         obj.meta().name.as_deref().unwrap_or_default()
     )
+}
+
+/// The span of one reconcile (exported over OTLP when the operator has an endpoint); failures
+/// set the OpenTelemetry status to error with the message.
+fn reconcile_span<K: Resource>(kind: &str, obj: &K) -> tracing::Span {
+    tracing::info_span!(
+        "reconcile",
+        kind,
+        namespace = obj.meta().namespace.as_deref().unwrap_or_default(),
+        name = obj.meta().name.as_deref().unwrap_or_default(),
+        otel.status_code = tracing::field::Empty,
+        otel.status_message = tracing::field::Empty,
+    )
+}
+
+fn record_outcome<T>(span: &tracing::Span, result: &Result<T, Error>) {
+    if let Err(e) = result {
+        span.record("otel.status_code", "ERROR");
+        span.record("otel.status_message", e.to_string());
+    }
 }
 
 fn apply_params() -> PatchParams {
@@ -248,7 +269,11 @@ pub async fn reconcile_job<J: TrainingJob>(
     let started = Instant::now();
     let kind = J::KIND.as_str();
     let key = key_of(kind, cached.as_ref());
-    let result = reconcile_job_inner::<J>(&cached, &ctx, &key).await;
+    let span = reconcile_span(kind, cached.as_ref());
+    let result = reconcile_job_inner::<J>(&cached, &ctx, &key)
+        .instrument(span.clone())
+        .await;
+    record_outcome(&span, &result);
     ctx.metrics.reconciled(kind, started.elapsed());
     if result.is_ok() {
         ctx.succeeded(&key);
@@ -356,7 +381,11 @@ pub async fn reconcile_pool(
 ) -> Result<CtlAction, Error> {
     let started = Instant::now();
     let key = key_of("RolloutPool", cached.as_ref());
-    let result = reconcile_pool_inner(&cached, &ctx).await;
+    let span = reconcile_span("RolloutPool", cached.as_ref());
+    let result = reconcile_pool_inner(&cached, &ctx)
+        .instrument(span.clone())
+        .await;
+    record_outcome(&span, &result);
     ctx.metrics.reconciled("RolloutPool", started.elapsed());
     if result.is_ok() {
         ctx.succeeded(&key);

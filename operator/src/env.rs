@@ -35,6 +35,10 @@ pub const JOB_SPEC: &str = "ONEVISION_JOB_SPEC";
 /// Gang generation (= `status.restarts` when the pod was created); > 0 means resume from the
 /// latest checkpoint in `output.path`.
 pub const RESTART_COUNT: &str = "ONEVISION_RESTART_COUNT";
+/// `host:port` the worker serves Prometheus `/metrics` on (`0.0.0.0:`[`crate::planner::METRICS_PORT`]
+/// in pods; the container port is named `metrics` for the chart's PodMonitor). Unset or empty:
+/// no metrics server.
+pub const METRICS_ADDR: &str = "ONEVISION_METRICS_ADDR";
 /// Name of the RolloutPool (rollout pods only).
 pub const POOL_NAME: &str = "ONEVISION_POOL_NAME";
 

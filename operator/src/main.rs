@@ -84,20 +84,32 @@ async fn main() -> anyhow::Result<()> {
             lease_namespace,
             lease_name,
         } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info,kube=warn".into()),
+            // Logs on stderr; a `reconcile` span per reconcile exported over OTLP when
+            // OTEL_EXPORTER_OTLP_ENDPOINT is set (chart value `otel.endpoint`).
+            let pod_namespace = std::env::var("POD_NAMESPACE").unwrap_or_default();
+            let guard = onevision_otel::Tracing::new("onevision-operator")
+                .default_filter("info,kube=warn")
+                .attribute("k8s.namespace.name", pod_namespace)
+                .attribute(
+                    "k8s.pod.name",
+                    std::env::var("POD_NAME").unwrap_or_default(),
                 )
-                .init();
-            run(
+                .init()
+                .context("setting up tracing (check the OTEL_* environment)")?;
+            let result = run(
                 namespace,
                 metrics_addr,
                 leader_elect,
                 lease_namespace,
                 lease_name,
             )
-            .await
+            .await;
+            // Flushes the spans still buffered, also when `run` failed. The exporter's batch
+            // thread blocks on this runtime, so shut it down off the async workers.
+            tokio::task::spawn_blocking(move || drop(guard))
+                .await
+                .context("flushing spans")?;
+            result
         }
     }
 }

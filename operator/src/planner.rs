@@ -33,6 +33,10 @@ pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
 pub const TRAINER_CONTAINER: &str = "trainer";
 /// Container name of rollout pods.
 pub const ROLLOUT_CONTAINER: &str = "rollout";
+/// Port of the `/metrics` endpoint of trainer and rollout containers.
+pub const METRICS_PORT: i32 = 9400;
+/// Name of that container port (what the chart's PodMonitor scrapes).
+pub const METRICS_PORT_NAME: &str = "metrics";
 
 /// Condition types set on jobs.
 pub mod condition {
@@ -378,6 +382,19 @@ fn plain_env(name: &str, value: impl Into<String>) -> EnvVar {
     }
 }
 
+/// `ONEVISION_METRICS_ADDR=0.0.0.0:9400`: every worker serves `/metrics` on its `metrics` port.
+fn metrics_env() -> EnvVar {
+    plain_env(env::METRICS_ADDR, format!("0.0.0.0:{METRICS_PORT}"))
+}
+
+fn metrics_port() -> ContainerPort {
+    ContainerPort {
+        name: Some(METRICS_PORT_NAME.into()),
+        container_port: METRICS_PORT,
+        ..Default::default()
+    }
+}
+
 fn field_env(name: &str, path: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
@@ -523,6 +540,7 @@ fn trainer_pod<J: TrainingJob>(ident: &JobIdent, job: &J, rank: i32, generation:
         ),
         plain_env(env::JOB_SPEC, env::JOB_SPEC_PATH),
         plain_env(env::RESTART_COUNT, generation.to_string()),
+        metrics_env(),
     ];
     env.extend(downward_env());
     // User variables last: later entries win, so users can override ours deliberately.
@@ -566,6 +584,7 @@ fn trainer_pod<J: TrainingJob>(ident: &JobIdent, job: &J, rank: i32, generation:
                         container_port: t.coordinator_port,
                         ..Default::default()
                     },
+                    metrics_port(),
                 ]),
                 resources: with_gpus(t.resources.as_ref(), t.gpus_per_node),
                 volume_mounts: Some(volume_mounts),
@@ -677,6 +696,7 @@ pub fn rollout_pod(pool: &RolloutPool, index: i32) -> Result<Pod, PlanError> {
         plain_env(env::POOL_NAME, pool_name.clone()),
         plain_env(env::COORDINATOR, s.coordinator.clone()),
         plain_env(env::JOB_SPEC, env::JOB_SPEC_PATH),
+        metrics_env(),
     ];
     env.extend(downward_env());
     env.extend(s.env.iter().cloned());
@@ -708,6 +728,7 @@ pub fn rollout_pod(pool: &RolloutPool, index: i32) -> Result<Pod, PlanError> {
                     env::JOB_SPEC_PATH.into(),
                 ]),
                 env: Some(env),
+                ports: Some(vec![metrics_port()]),
                 resources: with_gpus(s.resources.as_ref(), s.gpus_per_replica),
                 volume_mounts: Some(volume_mounts),
                 ..Default::default()

@@ -141,6 +141,16 @@ fn env_of(pod: &Pod) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The container port named `name` of the pod's only container.
+fn container_port(pod: &Pod, name: &str) -> Option<i32> {
+    pod.spec.as_ref()?.containers[0]
+        .ports
+        .as_ref()?
+        .iter()
+        .find(|p| p.name.as_deref() == Some(name))
+        .map(|p| p.container_port)
+}
+
 fn with_phase(mut pod: Pod, phase: &str) -> Pod {
     pod.status = Some(PodStatus {
         phase: Some(phase.into()),
@@ -276,6 +286,13 @@ fn new_sft_job_creates_config_map_service_and_gang() {
         );
         assert_eq!(e[env::JOB_SPEC], "/etc/onevision/job.yaml");
         assert_eq!(e[env::RESTART_COUNT], "0");
+        assert_eq!(e[env::METRICS_ADDR], "0.0.0.0:9400");
+        assert_eq!(
+            container_port(pod, planner::METRICS_PORT_NAME),
+            Some(planner::METRICS_PORT),
+            "the PodMonitor scrapes the port named metrics"
+        );
+        assert_eq!(container_port(pod, "coordinator"), Some(50051));
         let all = pod.spec.as_ref().unwrap().containers[0]
             .env
             .as_ref()
@@ -754,6 +771,11 @@ fn pool_keeps_replicas_and_scales_by_index() {
         "rl-trainer-0.rl-trainer.team.svc:50051"
     );
     assert_eq!(e[env::POOL_NAME], "rl-rollout");
+    assert_eq!(
+        e[env::METRICS_ADDR],
+        format!("0.0.0.0:{}", planner::METRICS_PORT)
+    );
+    assert_eq!(container_port(pod, "metrics"), Some(9400));
     assert_eq!(
         pod.spec.as_ref().unwrap().containers[0]
             .command

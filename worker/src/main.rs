@@ -1,17 +1,20 @@
 use clap::Parser;
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Log files of local runs (`onevision run`) stay free of colour codes.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = onevision::cli::Cli::parse();
-    if let Err(err) = onevision::cli::run(cli) {
+    // Spans are exported when OTEL_EXPORTER_OTLP_ENDPOINT is set (docs/observability.md).
+    let guard = match onevision::telemetry::process_tracing(cli.command.role()).init() {
+        Ok(g) => g,
+        Err(err) => {
+            // A malformed OTEL_* setting: restarting cannot fix it.
+            eprintln!("error: {err}");
+            std::process::exit(onevision::EXIT_PERMANENT);
+        }
+    };
+    let result = onevision::cli::run(cli);
+    // Flush the spans still buffered before exiting: `process::exit` runs no destructors.
+    drop(guard);
+    if let Err(err) = result {
         eprintln!("error: {err:#}");
         // Runtime errors carry their exit code: 78 tells the operator not to retry.
         let code = err

@@ -4,8 +4,9 @@
 //! "Rollout pool" dashboards is evaluated through Prometheus's HTTP API: each must return data.
 //!
 //! A second test does the same against a real local run: `onevision run` of a tiny GRPOJob (one
-//! trainer process serving `/metrics` on `ONEVISION_METRICS_ADDR`), checking the "Training job"
-//! panels a CPU run without rollout workers can fill (MFU is GPU-only; rollout panels need workers).
+//! trainer process serving `/metrics` on the port the local runner gave it, found by Prometheus
+//! through the run's `metrics-targets.json` file_sd list), checking the "Training job" panels a
+//! CPU run without rollout workers can fill (MFU is GPU-only; rollout panels need workers).
 //!
 //! Without Prometheus the tests are skipped with a message, except under CI=true where it fails.
 
@@ -149,7 +150,7 @@ fn simulate(t: &Telemetry, tick: u64) {
         }),
     });
     trainer.set_rollout_workers(2);
-    if tick % 10 == 0 {
+    if tick.is_multiple_of(10) {
         trainer.checkpoint_saved(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64);
         trainer.add_phase_seconds(Phase::Checkpoint, 0.2);
     }
@@ -164,14 +165,15 @@ fn simulate(t: &Telemetry, tick: u64) {
     }
 }
 
-/// Starts Prometheus scraping `target` every second; returns (process guard, web address, log path).
-fn start_prometheus(prometheus: &Path, dir: &Path, target: SocketAddr) -> (Killed, SocketAddr, PathBuf) {
+/// Starts Prometheus scraping every second the targets `sd` names (a `static_configs` or
+/// `file_sd_configs` entry); returns (process guard, web address, log path).
+fn start_prometheus(prometheus: &Path, dir: &Path, sd: &str) -> (Killed, SocketAddr, PathBuf) {
     let config = dir.join("prometheus.yml");
     std::fs::write(
         &config,
         format!(
             "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
-             scrape_configs:\n  - job_name: onevision-workers\n    static_configs: [{{targets: ['{target}']}}]\n"
+             scrape_configs:\n  - job_name: onevision-workers\n    {sd}\n"
         ),
     )
     .unwrap();
@@ -236,8 +238,6 @@ async fn a_local_grpo_run_fills_the_training_dashboard() {
         .replace("MASTER", &free_port().to_string())
         .replace("COORD", &free_port().to_string());
     std::fs::write(&manifest, text).unwrap();
-    let metrics_port = free_port();
-    let target: SocketAddr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
     let run_log = fx.path().join("run.log");
     let run = Command::new(env!("CARGO_BIN_EXE_onevision"))
         .arg("run")
@@ -247,15 +247,26 @@ async fn a_local_grpo_run_fills_the_training_dashboard() {
         .arg("--data-root")
         .arg(fx.path())
         .arg("--no-progress-bars")
-        .env("ONEVISION_METRICS_ADDR", target.to_string())
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&run_log).unwrap())
         .stderr(std::fs::File::create(fx.path().join("run.err")).unwrap())
         .spawn()
         .expect("start onevision run");
     let _run = Stopped(run);
+    // The planner gives the trainer ONEVISION_METRICS_ADDR=0.0.0.0:9400; the local runner moves
+    // it to a free port and lists it for Prometheus.
+    let targets = fx.path().join("work/obs-grpo/metrics-targets.json");
+    let start = Instant::now();
+    while !targets.exists() {
+        assert!(start.elapsed() < Duration::from_secs(60), "the run wrote no {}", targets.display());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let listed: Value = serde_json::from_str(&std::fs::read_to_string(&targets).unwrap()).unwrap();
+    assert_eq!(listed[0]["labels"]["role"], "trainer", "{listed}");
+    assert_eq!(listed[0]["labels"]["pod"], "obs-grpo-trainer-0", "{listed}");
     let dir = tempfile::tempdir().unwrap();
-    let (_prom, web, log_path) = start_prometheus(&prometheus, dir.path(), target);
+    let sd = format!("file_sd_configs: [{{files: ['{}'], refresh_interval: 1s}}]", targets.display());
+    let (_prom, web, log_path) = start_prometheus(&prometheus, dir.path(), &sd);
 
     // The trainer has done a few steps (and a checkpoint) and been scraped a few times.
     let ready = "onevision_trainer_step >= 3 and count_over_time(onevision_trainer_step[1m]) >= 4 and onevision_trainer_last_checkpoint_timestamp_seconds > 0";
@@ -309,7 +320,7 @@ async fn every_worker_dashboard_expression_returns_data_from_a_real_prometheus()
     });
 
     let dir = tempfile::tempdir().unwrap();
-    let (_prom, web, log_path) = start_prometheus(&prometheus, dir.path(), target);
+    let (_prom, web, log_path) = start_prometheus(&prometheus, dir.path(), &format!("static_configs: [{{targets: ['{target}']}}]"));
     let show_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
 
     // Ready, then scraped the target successfully a few times (rate() needs two samples).

@@ -6,59 +6,26 @@
 //! One test per binary: `init_tracing` installs the process-wide subscriber and reads `OTEL_*`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
+
+mod otlp_receiver;
 
 use onevision::telemetry::{
     init_tracing, otlp_endpoint_from_env, rollout_request_span, set_remote_parent, trace_context_interceptor,
-    training_step_span, TelemetryError,
+    training_step_span, TracingError,
 };
+use otlp_receiver::{attr_int, named, Receiver, Received};
 use onevision_proto::v1::rollout_client::RolloutClient;
 use onevision_proto::v1::rollout_server::{Rollout, RolloutServer};
 use onevision_proto::v1::{
     GenerateRequest, GenerateResponse, InfoRequest, InfoResponse, UpdateWeightsRequest, UpdateWeightsResponse,
 };
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
-use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::trace::v1::Span as OtlpSpan;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
-
-/// Collects every span exported to it, with the `service.name` of its resource.
-#[derive(Clone, Default)]
-struct Receiver {
-    spans: Arc<Mutex<Vec<(String, OtlpSpan)>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: Request<ExportTraceServiceRequest>,
-    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
-        let mut spans = self.spans.lock().unwrap();
-        for rs in request.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|kv| kv.key == "service.name")
-                .and_then(|kv| kv.value.as_ref()?.value.as_ref())
-                .map(|v| match v {
-                    AnyValue::StringValue(s) => s.clone(),
-                    other => format!("{other:?}"),
-                })
-                .unwrap_or_default();
-            for ss in rs.scope_spans {
-                spans.extend(ss.spans.into_iter().map(|s| (service.clone(), s)));
-            }
-        }
-        Ok(Response::new(ExportTraceServiceResponse { partial_success: None }))
-    }
-}
 
 /// A rollout worker's Rollout service whose `Info` handler runs in a span parented by the
 /// caller's trace context, as the real worker's handlers do.
@@ -108,39 +75,20 @@ async fn loopback() -> (TcpIncoming, std::net::SocketAddr) {
     (TcpIncoming::from(listener), addr)
 }
 
-fn attr_int(span: &OtlpSpan, key: &str) -> Option<i64> {
-    span.attributes.iter().find(|kv| kv.key == key).and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-        AnyValue::IntValue(i) => Some(*i),
-        _ => None,
-    })
-}
-
-fn find<'a>(spans: &'a [(String, OtlpSpan)], name: &str) -> Vec<&'a OtlpSpan> {
-    spans.iter().filter(|(_, s)| s.name == name).map(|(_, s)| s).collect()
+fn find<'a>(spans: &'a [Received], name: &str) -> Vec<&'a OtlpSpan> {
+    named(spans, name).into_iter().map(|r| &r.span).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_reach_an_otlp_receiver_and_one_trace_crosses_grpc() {
-    // Endpoint selection from the standard OTEL_* environment.
     for k in ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_SERVICE_NAME"] {
         std::env::remove_var(k);
     }
     assert_eq!(otlp_endpoint_from_env(), None, "no endpoint: export off");
-    std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317");
-    assert_eq!(otlp_endpoint_from_env().as_deref(), Some("http://collector:4317"));
-    std::env::set_var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://traces:4317");
-    assert_eq!(otlp_endpoint_from_env().as_deref(), Some("http://traces:4317"), "the traces-specific variable wins");
-    std::env::set_var("OTEL_TRACES_EXPORTER", "none");
-    assert_eq!(otlp_endpoint_from_env(), None);
-    std::env::remove_var("OTEL_TRACES_EXPORTER");
-    std::env::set_var("OTEL_SDK_DISABLED", "true");
-    assert_eq!(otlp_endpoint_from_env(), None);
-    std::env::remove_var("OTEL_SDK_DISABLED");
-    std::env::remove_var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
+    // (The endpoint rules themselves are unit-tested in onevision-otel.)
 
     let receiver = Receiver::default();
-    let (incoming, otlp_addr) = loopback().await;
-    tokio::spawn(Server::builder().add_service(TraceServiceServer::new(receiver.clone())).serve_with_incoming(incoming));
+    let otlp_addr = receiver.start().await;
     let worker = Worker::default();
     let (incoming, worker_addr) = loopback().await;
     tokio::spawn(Server::builder().add_service(RolloutServer::new(worker.clone())).serve_with_incoming(incoming));
@@ -149,7 +97,7 @@ async fn spans_reach_an_otlp_receiver_and_one_trace_crosses_grpc() {
     std::env::set_var("OTEL_SERVICE_NAME", "onevision-trainer-test");
     let guard = init_tracing("onevision").expect("install the subscriber with OTLP export");
     assert!(guard.exporting());
-    assert!(matches!(init_tracing("again"), Err(TelemetryError::SubscriberInstalled(_))));
+    assert!(matches!(init_tracing("again"), Err(TracingError::SubscriberInstalled(_))));
 
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{worker_addr}"))
         .unwrap()
@@ -175,20 +123,13 @@ async fn spans_reach_an_otlp_receiver_and_one_trace_crosses_grpc() {
     // Dropping the guard flushes the batch exporter (blocking: off the async workers).
     tokio::task::spawn_blocking(move || drop(guard)).await.unwrap();
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let spans = loop {
-        let spans = receiver.spans.lock().unwrap().clone();
-        if find(&spans, "rollout_info").len() >= 2 || Instant::now() > deadline {
-            break spans;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let names: Vec<&str> = spans.iter().map(|(_, s)| s.name.as_str()).collect();
+    let spans = receiver.wait_for(Duration::from_secs(20), |s| named(s, "rollout_info").len() >= 2).await;
+    let names: Vec<&str> = spans.iter().map(|r| r.span.name.as_str()).collect();
     let step = *find(&spans, "training_step").first().unwrap_or_else(|| panic!("no training_step span in {names:?}"));
     let request = *find(&spans, "rollout_request").first().unwrap_or_else(|| panic!("no rollout_request span in {names:?}"));
     let served = find(&spans, "rollout_info");
     assert_eq!(served.len(), 2, "{names:?}");
-    assert!(spans.iter().all(|(svc, _)| svc == "onevision-trainer-test"), "OTEL_SERVICE_NAME names the service");
+    assert!(spans.iter().all(|r| r.service == "onevision-trainer-test"), "OTEL_SERVICE_NAME names the service");
 
     assert_eq!(step.trace_id.len(), 16);
     assert_eq!(attr_int(step, "step"), Some(42), "{:?}", step.attributes);

@@ -46,6 +46,18 @@ pub enum Command {
     Run(run::Args),
 }
 
+impl Command {
+    /// The process role, naming its tracing service `onevision-<role>`.
+    pub fn role(&self) -> &'static str {
+        match self {
+            Command::Trainer(_) => "trainer",
+            Command::Rollout(_) => "rollout",
+            Command::Run(_) => "run",
+            _ => "cli",
+        }
+    }
+}
+
 /// Run the parsed command. Returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {

@@ -16,8 +16,8 @@ use onevision_comms::coordinator::{CoordinatorClient, RetryPolicy, RolloutLease}
 use onevision_proto::v1;
 
 use crate::rollout::{serve_rollout, Engine, EngineConfig, ServerConfig};
+use crate::runtime::RuntimeError;
 use crate::telemetry::{metrics_addr_from_env, JobLabels, Telemetry};
-use crate::EXIT_PERMANENT;
 
 #[derive(Debug, ClapArgs)]
 pub struct Args {
@@ -100,22 +100,24 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
-/// Exits with the permanent-failure code: the operator must not restart us for this.
-fn permanent(msg: String) -> ! {
-    eprintln!("error: {msg}");
-    std::process::exit(EXIT_PERMANENT);
+/// An error `main` turns into the permanent-failure exit code: the operator must not restart
+/// us for this. (Returned, not exited on the spot, so buffered spans are flushed.)
+fn permanent(msg: String) -> anyhow::Error {
+    RuntimeError::Config(msg).into()
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let spec = match &args.job {
-        Some(p) if p.exists() || args.model.is_none() => read_spec(p).unwrap_or_else(|e| permanent(e.to_string())),
+        Some(p) if p.exists() || args.model.is_none() => read_spec(p).map_err(|e| permanent(e.to_string()))?,
         _ => SpecSettings::default(),
     };
     let model_dir = match args.model.clone().or_else(|| spec.model_path.clone().map(PathBuf::from)) {
         Some(d) => d,
-        None => permanent(
-            "no model: pass --model DIR or a job spec (--job / ONEVISION_JOB_SPEC) with spec.model.path".into(),
-        ),
+        None => {
+            return Err(permanent(
+                "no model: pass --model DIR or a job spec (--job / ONEVISION_JOB_SPEC) with spec.model.path".into(),
+            ))
+        }
     };
     let worker_id = args
         .worker_id
@@ -140,11 +142,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     tracing::info!(model = %model_dir.display(), %worker_id, capacity, "loading rollout model");
     if !model_dir.join("config.json").exists() {
-        permanent(format!("{} holds no config.json: not a Hugging Face checkpoint directory", model_dir.display()));
+        return Err(permanent(format!(
+            "{} holds no config.json: not a Hugging Face checkpoint directory",
+            model_dir.display()
+        )));
     }
     let engine = match Engine::load(&model_dir, engine_cfg) {
         Ok(e) => Arc::new(e),
-        Err(e) => permanent(e.to_string()),
+        Err(e) => return Err(permanent(e.to_string())),
     };
     let server_cfg = ServerConfig {
         worker_id: worker_id.clone(),

@@ -14,10 +14,13 @@ use onevision_proto::v1::rollout_client::RolloutClient;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
+use tracing::Instrument;
 
 use super::error::RolloutError;
+use crate::telemetry::{
+    rollout_request_span, rollout_rpc_span, trace_context_interceptor, RpcSide, TraceInterceptor, TracedChannel,
+};
 
 /// How the pool behaves. `Default` suits a local run; every field is a plain knob.
 #[derive(Debug, Clone)]
@@ -280,7 +283,8 @@ struct WorkerSync {
 struct WorkerHandle {
     id: String,
     address: String,
-    client: RolloutClient<Channel>,
+    // Every call carries the caller's trace context (the trainer step's span).
+    client: RolloutClient<TracedChannel>,
     sync: Arc<tokio::sync::Mutex<WorkerSync>>,
 }
 
@@ -397,10 +401,13 @@ impl RolloutPool {
         let mut tasks = Vec::new();
         for h in handles {
             let inner = self.inner.clone();
-            tasks.push(tokio::spawn(async move {
-                let r = inner.ensure_version(&h, version, false).await;
-                (h.id.clone(), r)
-            }));
+            tasks.push(tokio::spawn(
+                async move {
+                    let r = inner.ensure_version(&h, version, false).await;
+                    (h.id.clone(), r)
+                }
+                .in_current_span(),
+            ));
         }
         let mut stats = SyncStats { version, workers_updated: 0, workers_failed: vec![], bytes, seconds: 0.0 };
         for t in tasks {
@@ -500,7 +507,8 @@ impl RolloutPool {
                     .collect();
                 for h in ready {
                     let s = Session { inner: self.inner.clone(), worker: h.clone(), d: d.clone(), min_version, max_group };
-                    sessions.0.insert(h.id.clone(), tokio::spawn(s.run()));
+                    let span = rollout_rpc_span("Generate", RpcSide::Client, &h.id);
+                    sessions.0.insert(h.id.clone(), tokio::spawn(s.run().instrument(span)));
                 }
             }
             if queued && sessions.0.is_empty() {
@@ -551,7 +559,7 @@ impl RolloutPool {
                     continue;
                 }
             };
-            let client = RolloutClient::new(channel)
+            let client = RolloutClient::with_interceptor(channel, trace_context_interceptor as TraceInterceptor)
                 .max_decoding_message_size(cfg.max_message_bytes)
                 .max_encoding_message_size(cfg.max_message_bytes);
             tracing::info!(worker = %id, %address, "rollout worker joined the pool");
@@ -611,7 +619,8 @@ impl Inner {
                 let mut req = Request::new(tokio_stream::iter(msgs));
                 req.set_timeout(self.cfg.sync_timeout);
                 let started = Instant::now();
-                match tokio::time::timeout(self.cfg.sync_timeout, c.update_weights(req)).await {
+                let span = rollout_rpc_span("UpdateWeights", RpcSide::Client, &h.id);
+                match tokio::time::timeout(self.cfg.sync_timeout, c.update_weights(req)).instrument(span).await {
                     Err(_) => return Err(format!("UpdateWeights to version {} took longer than {:?}", p.version, self.cfg.sync_timeout)),
                     Ok(Ok(r)) => {
                         let r = r.into_inner();
@@ -702,6 +711,8 @@ struct InFlight {
     job: Job,
     completions: Vec<v1::Completion>,
     deadline: Instant,
+    /// Open from sending the group until its `GroupDone` (or failure).
+    _span: tracing::Span,
 }
 
 impl Session {
@@ -731,7 +742,8 @@ impl Session {
                     break;
                 }
                 let deadline = Instant::now() + self.inner.cfg.group_timeout;
-                inflight.insert(id, InFlight { job, completions: vec![], deadline });
+                let span = rollout_request_span(&job.index.to_string(), job.group.group_size);
+                inflight.insert(id, InFlight { job, completions: vec![], deadline, _span: span });
             }
             if inflight.is_empty() {
                 return Ok(());

@@ -18,10 +18,11 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use super::engine::{Engine, PreparedGroup};
 use super::error::WorkerError;
-use crate::telemetry::RolloutMetrics;
+use crate::telemetry::{rollout_request_span, rollout_rpc_span, set_remote_parent, RolloutMetrics, RpcSide};
 
 /// Settings of the rollout server.
 #[derive(Debug, Clone)]
@@ -55,6 +56,8 @@ struct GenJob {
     group: PreparedGroup,
     accepted: Instant,
     reply: mpsc::Sender<Result<v1::GenerateResponse, Status>>,
+    /// The group's `rollout_request` span (child of the caller's trace), open until answered.
+    span: tracing::Span,
 }
 
 struct Shared {
@@ -108,8 +111,7 @@ fn generation_thread(shared: std::sync::Weak<Shared>, rx: std::sync::mpsc::Recei
         if let Some(m) = &sh.metrics {
             m.set_batch_occupancy(n.min(sh.cfg.capacity as usize), sh.cfg.capacity as usize);
         }
-        let span = crate::telemetry::rollout_request_span(&job.request_id.to_string(), n as u32);
-        let out = span.in_scope(|| sh.engine.run_group(&job.group));
+        let out = job.span.in_scope(|| sh.engine.run_group(&job.group));
         sh.active.fetch_sub(n, Ordering::Relaxed);
         if let Some(m) = &sh.metrics {
             m.set_batch_occupancy(0, sh.cfg.capacity as usize);
@@ -211,7 +213,7 @@ impl RolloutService {
         };
         shared.queued.fetch_add(1, Ordering::Relaxed);
         shared.set_queue_metric();
-        let job = GenJob { request_id, group: prepared, accepted, reply: reply.clone() };
+        let job = GenJob { request_id, group: prepared, accepted, reply: reply.clone(), span: tracing::Span::current() };
         if shared.jobs.send(job).is_err() {
             shared.queued.fetch_sub(1, Ordering::Relaxed);
             let _ = reply.send(Ok(fail(Status::unavailable("the generation thread stopped")))).await;
@@ -227,6 +229,9 @@ impl Rollout for RolloutService {
         &self,
         request: Request<Streaming<v1::GenerateRequest>>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        // The stream's span continues the trainer's trace (W3C `traceparent` in the metadata).
+        let span = rollout_rpc_span("Generate", RpcSide::Server, &self.shared.cfg.worker_id);
+        set_remote_parent(&span, request.metadata());
         let mut inbound = request.into_inner();
         // Room for a few groups' completions; the generation thread blocks when the client
         // reads slowly, which is the backpressure we want.
@@ -250,14 +255,17 @@ impl Rollout for RolloutService {
                 };
                 let id = group.request_id;
                 pending.retain(|h| !h.is_finished());
-                pending.push(tokio::spawn(RolloutService::accept(shared.clone(), id, group, tx.clone())));
+                let group_span = rollout_request_span(&id.to_string(), group.group_size);
+                pending.push(tokio::spawn(
+                    RolloutService::accept(shared.clone(), id, group, tx.clone()).instrument(group_span),
+                ));
             }
             // The response stream ends once every accepted group has been answered: `tx`
             // clones live in the queued jobs and are dropped when they finish.
             for h in pending {
                 let _ = h.await;
             }
-        });
+        }.instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -265,6 +273,9 @@ impl Rollout for RolloutService {
         &self,
         request: Request<Streaming<v1::UpdateWeightsRequest>>,
     ) -> Result<Response<v1::UpdateWeightsResponse>, Status> {
+        // Open for the whole call (span time runs from creation to drop), parented by the caller.
+        let rpc = rollout_rpc_span("UpdateWeights", RpcSide::Server, &self.shared.cfg.worker_id);
+        set_remote_parent(&rpc, request.metadata());
         let start = Instant::now();
         let mut inbound = request.into_inner();
         let _guard = self.shared.update_lock.lock().await;
@@ -277,7 +288,7 @@ impl Rollout for RolloutService {
         let update = asm.finish().map_err(Status::from)?;
         let bytes = update.bytes;
         let count = update.tensors.len() as u32;
-        let span = crate::telemetry::weight_sync_span(update.version);
+        let span = rpc.in_scope(|| crate::telemetry::weight_sync_span(update.version));
         let e2 = engine.clone();
         let version = tokio::task::spawn_blocking(move || span.in_scope(|| e2.apply(update)))
             .await

@@ -21,7 +21,7 @@ use super::settings::{GrpoSettings, JobSettings};
 use super::trainer::{LoopCtx, StepReport, TrainStep};
 use super::{Result, RuntimeError};
 use crate::rollout::{tensors_from_model, GroupRequest, PoolConfig, RolloutPool, Sampling, WorkerSource};
-use crate::telemetry::{GrpoMetrics, Phase, RewardStats, StepMetrics};
+use crate::telemetry::{phase_span, weight_sync_span, GrpoMetrics, Phase, RewardStats, StepMetrics};
 use crate::training::{grpo_step, logprobs_of, GrpoSample, StepOptions, Trainer, TrainingError};
 
 /// Where a step's completions come from.
@@ -130,6 +130,7 @@ impl RolloutSource for WorkerPool {
             return Ok(0.0);
         }
         let t = Instant::now();
+        let _in_sync = weight_sync_span(version).entered();
         let tensors = tensors_from_model(&trainer.model.named_weights())?;
         if cx.comm.rank() == 0 {
             // Rank 0 pushes; the other ranks only record the version, so their groups wait for it.
@@ -247,7 +248,8 @@ impl TrainStep for GrpoStep<'_> {
         };
         // A resumed run's workers still hold the starting checkpoint: bring them up to date.
         t_sync_start += self.source.publish(cx, trainer, trainer.step())?;
-        let mut groups = self.source.generate(cx, &trainer.model, &prompts, g.group_size, &params)?;
+        let mut groups = phase_span(Phase::RolloutWait)
+            .in_scope(|| self.source.generate(cx, &trainer.model, &prompts, g.group_size, &params))?;
         for gen in groups.iter_mut().flatten() {
             strip_vision_tokens(&trainer.model, gen);
         }
@@ -323,6 +325,7 @@ impl TrainStep for GrpoStep<'_> {
             .collect();
         let temperature = g.temperature;
         let t_ref = Instant::now();
+        let in_reference = (self.reference.is_some() || g.iterations > 1).then(|| phase_span(Phase::Reference).entered());
         if let Some(reference) = &self.reference {
             for chunk in active.chunks_mut(self.micro.max(1)) {
                 let lp = logprobs_of(reference, chunk, temperature)?;
@@ -340,6 +343,7 @@ impl TrainStep for GrpoStep<'_> {
             }
         }
         let t_reference = t_ref.elapsed().as_secs_f64();
+        drop(in_reference);
 
         let opts = StepOptions { denominator: Some(denominator), freeze: self.freeze, temperature: Some(temperature) };
         let (mut t_fb, mut t_opt, mut t_sync) = (0.0, 0.0, t_sync_start);
@@ -347,6 +351,7 @@ impl TrainStep for GrpoStep<'_> {
         let mut extra_sum = [0f32; 5];
         for _ in 0..g.iterations {
             let t = Instant::now();
+            let in_fb = phase_span(Phase::ForwardBackward).entered();
             let mut grads = TensorMap::new();
             let mut extra = [0f32; 5]; // loss, clip·tok, kl·tok, entropy·tok, tok
             for chunk in active.chunks(self.micro.max(1)) {
@@ -362,9 +367,10 @@ impl TrainStep for GrpoStep<'_> {
                 add_into(&mut grads, out.grads);
             }
             let grads = all_reduce_grads(cx.comm, &self.layout, &grads, &mut extra)?;
+            drop(in_fb);
             t_fb += t.elapsed().as_secs_f64();
             let t = Instant::now();
-            let applied = trainer.apply(grads)?;
+            let applied = phase_span(Phase::Optimizer).in_scope(|| trainer.apply(grads))?;
             t_opt += t.elapsed().as_secs_f64();
             t_sync += self.source.publish(cx, trainer, applied.step)?;
             last = Some(applied);

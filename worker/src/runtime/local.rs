@@ -5,7 +5,9 @@
 //! what a laptop needs is rewritten: the job file path (a file in the workdir instead of the
 //! ConfigMap mount), `MASTER_ADDR`/`ONEVISION_COORDINATOR` (127.0.0.1 with free ports), the
 //! downward-API variables, the storage paths (`storage.mountPath` → `--data-root`) and
-//! `output.path` (→ `DIR/<job>`). SFTJobs run before GRPOJobs so `model.fromSFTJob` resolves to
+//! `output.path` (→ `DIR/<job>`), and `ONEVISION_METRICS_ADDR` (every pod's `0.0.0.0:9400`
+//! would clash on one host: each process gets `127.0.0.1:<free port>`, listed for Prometheus in
+//! `DIR/<job>/metrics-targets.json`). SFTJobs run before GRPOJobs so `model.fromSFTJob` resolves to
 //! the SFT job's exported model. Failures restart the gang up to `runPolicy.backoffLimit` times
 //! unless the exit code says the error is permanent, as the operator does.
 
@@ -71,6 +73,35 @@ pub fn read_manifests(path: &Path) -> Result<Vec<AnyJob>> {
         return Err(RuntimeError::Config(format!("{}: no SFTJob or GRPOJob documents", path.display())));
     }
     Ok(jobs)
+}
+
+/// File in a job's directory listing the `/metrics` address of each of its processes, in
+/// Prometheus `file_sd_configs` format: `[{"targets": ["127.0.0.1:PORT"], "labels": {"pod":
+/// …, "role": …}}]`. Rewritten whenever the gang (re)starts.
+pub const METRICS_TARGETS_FILE: &str = "metrics-targets.json";
+
+/// Gives a process its own `/metrics` port: pods all use the same port in their own network
+/// namespace, local processes share one. Returns the address (None: metrics disabled there).
+fn assign_metrics_addr(env: &mut BTreeMap<String, String>) -> Result<Option<String>> {
+    match env.get_mut(k::METRICS_ADDR) {
+        Some(v) if !v.trim().is_empty() => {
+            *v = format!("127.0.0.1:{}", free_port()?);
+            Ok(Some(v.clone()))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Writes [`METRICS_TARGETS_FILE`] for `(pod, role, address)`.
+fn write_metrics_targets(dir: &Path, targets: &[(String, String, String)]) -> Result<PathBuf> {
+    let groups: Vec<serde_json::Value> = targets
+        .iter()
+        .map(|(pod, role, addr)| serde_json::json!({"targets": [addr], "labels": {"pod": pod, "role": role}}))
+        .collect();
+    let path = dir.join(METRICS_TARGETS_FILE);
+    let text = serde_json::to_vec_pretty(&groups).map_err(|e| RuntimeError::Config(e.to_string()))?;
+    write_atomic(&path, &text)?;
+    Ok(path)
 }
 
 fn free_port() -> Result<u16> {
@@ -523,10 +554,19 @@ fn run_gang(
     overrides.insert(k::COORDINATOR, format!("127.0.0.1:{coord_port}"));
     overrides.insert(super::env::RING_BIND, "127.0.0.1:0".into());
     let logs = dir.join("logs");
+    let mut targets = Vec::new();
+    let mut metrics_addr = |pod: &Pod, env: &mut BTreeMap<String, String>| -> Result<()> {
+        if let Some(addr) = assign_metrics_addr(env)? {
+            let role = env.get(k::ROLE).cloned().unwrap_or_default();
+            targets.push((pod.metadata.name.clone().unwrap_or_default(), role, addr));
+        }
+        Ok(())
+    };
     let mut trainers = Vec::new();
     for pod in &pods {
         let (argv, mut env) = pod_command(pod, exe, job_file, &overrides)?;
         env.insert(super::env::RING_BIND.into(), "127.0.0.1:0".into());
+        metrics_addr(pod, &mut env)?;
         trainers.push(spawn(pod, &argv, &env, &logs)?);
     }
     let mut rollouts = Vec::new();
@@ -537,10 +577,15 @@ fn run_gang(
             let mut pool = pool;
             pool.metadata.uid.get_or_insert_with(|| format!("local-{name}-rollout"));
             for pod in planner::rollout_pods(&pool).map_err(|e| RuntimeError::Config(e.to_string()))? {
-                let (argv, env) = pod_command(&pod, exe, job_file, &overrides)?;
+                let (argv, mut env) = pod_command(&pod, exe, job_file, &overrides)?;
+                metrics_addr(&pod, &mut env)?;
                 rollouts.push(spawn(&pod, &argv, &env, &logs)?);
             }
         }
+    }
+    if !targets.is_empty() {
+        let path = write_metrics_targets(dir, &targets)?;
+        tracing::info!(file = %path.display(), "/metrics addresses of the job's processes (Prometheus file_sd format)");
     }
 
     let mut display = Display::new(bars, &name, job.kind().as_str());
@@ -596,6 +641,25 @@ fn run_gang(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_process_gets_its_own_metrics_port_and_a_prometheus_target() {
+        let mut a = BTreeMap::from([(k::METRICS_ADDR.to_string(), "0.0.0.0:9400".to_string())]);
+        let mut b = a.clone();
+        let (x, y) = (assign_metrics_addr(&mut a).unwrap().unwrap(), assign_metrics_addr(&mut b).unwrap().unwrap());
+        assert_ne!(x, y, "two processes on one host need two ports");
+        assert!(x.starts_with("127.0.0.1:") && x.parse::<std::net::SocketAddr>().is_ok(), "{x}");
+        assert_eq!(a[k::METRICS_ADDR], x);
+        // Disabled (the user set it empty) stays disabled.
+        let mut off = BTreeMap::from([(k::METRICS_ADDR.to_string(), String::new())]);
+        assert_eq!(assign_metrics_addr(&mut off).unwrap(), None);
+        assert_eq!(assign_metrics_addr(&mut BTreeMap::new()).unwrap(), None);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_metrics_targets(dir.path(), &[("j-trainer-0".into(), "trainer".into(), x.clone())]).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        assert_eq!(v, serde_json::json!([{"targets": [x], "labels": {"pod": "j-trainer-0", "role": "trainer"}}]));
+    }
 
     #[test]
     fn map_path_moves_only_paths_under_the_mount() {

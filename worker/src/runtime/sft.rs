@@ -13,7 +13,7 @@ use onevision_train::TensorMap;
 use super::dist::{add_into, all_reduce_grads, all_reduce_scalars, GradLayout};
 use super::trainer::{LoopCtx, StepReport, TrainStep};
 use super::Result;
-use crate::telemetry::{Phase, StepMetrics};
+use crate::telemetry::{phase_span, Phase, StepMetrics};
 use crate::training::{sft_step, Encoder, Freeze, SftExample, StepOptions, Trainer};
 
 /// Loss and summed gradients of one global batch.
@@ -83,9 +83,11 @@ impl TrainStep for SftStep<'_> {
             .map(|&i| self.data.get(self.train_index[i]))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let examples = encode_sft(cx.enc, &samples, cx.settings.max_seq_len)?;
-        let g = sft_global_grads(&trainer.model, cx.comm, &self.layout, &examples, cx.settings.micro_batch, cx.settings.freeze)?;
+        let g = phase_span(Phase::ForwardBackward).in_scope(|| {
+            sft_global_grads(&trainer.model, cx.comm, &self.layout, &examples, cx.settings.micro_batch, cx.settings.freeze)
+        })?;
         let t1 = Instant::now();
-        let applied = trainer.apply(g.grads)?;
+        let applied = phase_span(Phase::Optimizer).in_scope(|| trainer.apply(g.grads))?;
         let t2 = Instant::now();
         let secs = (t2 - t0).as_secs_f64().max(1e-9);
         let metrics = StepMetrics {

@@ -26,7 +26,9 @@ use super::grpo::GrpoStep;
 use super::sft::SftStep;
 use super::signals::StopFlag;
 use super::{EvalResult, JobSettings, Reporter, Result, RuntimeError, TrainerEnv};
-use crate::telemetry::{metrics_addr_from_env, JobLabels, Phase, StepMetrics, Telemetry, TrainerMetrics};
+use crate::telemetry::{
+    metrics_addr_from_env, phase_span, training_step_span, JobLabels, Phase, StepMetrics, Telemetry, TrainerMetrics,
+};
 use crate::training::{Encoder, Trainer, TrainerConfig};
 
 /// What a step hands back to the loop for reporting.
@@ -329,6 +331,8 @@ pub fn run_job(
         }
         let (_, batch) = cursor.next_batch()?;
         cx.step = step;
+        // One trace per step: its phases and rollout calls (into the workers) are children.
+        let _in_step = training_step_span(step + 1).entered();
         let rep = objective.step(&mut cx, &mut trainer, &batch)?;
         step += 1;
         heartbeat.set_step(step);
@@ -344,6 +348,7 @@ pub fn run_job(
         }
         if step % s.checkpoint_every == 0 && step < total {
             let t = std::time::Instant::now();
+            let _in_phase = phase_span(Phase::Checkpoint).entered();
             if let Some(d) = save(&trainer, step, &cursor)? {
                 last_ckpt = Some(d.display().to_string());
                 tm.checkpoint_saved(k8s_openapi::jiff::Timestamp::now().as_second());

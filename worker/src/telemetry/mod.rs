@@ -24,23 +24,19 @@ pub use metrics::{
     Telemetry, TrainerMetrics, REQUEST_LATENCY_BUCKETS,
 };
 pub use server::{metrics_addr_from_env, MetricsServer, METRICS_ADDR_ENV};
+pub use onevision_otel::{init_tracing, otlp_endpoint_from_env, Tracing, TracingError, TracingGuard};
 pub use trace::{
-    extract_trace_context, init_tracing, inject_trace_context, otlp_endpoint_from_env,
-    rollout_request_span, set_remote_parent, trace_context_interceptor, tracer_provider,
-    training_step_span, weight_sync_span, TracingGuard,
+    extract_trace_context, inject_trace_context, phase_span, rollout_request_span, rollout_rpc_span,
+    process_tracing, set_remote_parent, trace_context_interceptor, training_step_span, weight_sync_span, RpcSide,
+    TraceInterceptor, TracedChannel,
 };
 
-/// Everything telemetry set-up can fail with. Recording a metric or a span never fails.
+/// Everything metrics set-up can fail with (tracing set-up: [`TracingError`]). Recording a
+/// metric or a span never fails.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     #[error("metrics address {value:?} (from {source_name}) is not host:port, e.g. 0.0.0.0:9400")]
     BadAddress { value: String, source_name: String },
     #[error("cannot listen for /metrics on {addr}: {source} (is the port already in use?)")]
     Bind { addr: std::net::SocketAddr, source: std::io::Error },
-    #[error("OTLP exporter for {endpoint}: {detail} (check OTEL_EXPORTER_OTLP_ENDPOINT)")]
-    Exporter { endpoint: String, detail: String },
-    #[error("tracing subscriber already installed in this process: {0}")]
-    SubscriberInstalled(String),
-    #[error("cannot start the runtime for the OTLP exporter: {0}")]
-    Runtime(std::io::Error),
 }

@@ -13,7 +13,7 @@ use super::{Telemetry, TelemetryError};
 
 /// Environment variable with the `/metrics` listen address (e.g. `0.0.0.0:9400`); the chart's
 /// PodMonitor scrapes the port named `metrics`.
-pub const METRICS_ADDR_ENV: &str = "ONEVISION_METRICS_ADDR";
+pub const METRICS_ADDR_ENV: &str = onevision_operator::env::METRICS_ADDR;
 
 /// The metrics address from [`METRICS_ADDR_ENV`]; `Ok(None)` when unset or empty (no server).
 pub fn metrics_addr_from_env() -> Result<Option<SocketAddr>, TelemetryError> {

@@ -1,125 +1,38 @@
-//! Tracing: the process subscriber (stderr logs + optional OTLP export), span helpers for the
-//! training loop, and W3C trace context (`traceparent`) carried in gRPC metadata so one trace
-//! follows a step from the trainer into the rollout workers.
+//! Tracing: span helpers for the training loop and the rollout RPCs, and W3C trace context
+//! (`traceparent`) carried in gRPC metadata so one trace follows a step from the trainer into
+//! the rollout workers. The process subscriber and the OTLP exporter come from
+//! `onevision-otel` (shared with the operator), re-exported here.
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::Context;
-use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
-use opentelemetry_sdk::Resource;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::EnvFilter;
 
-use super::TelemetryError;
-
-/// The OTLP traces endpoint from the standard environment: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`,
-/// else `OTEL_EXPORTER_OTLP_ENDPOINT`. `None` (tracing export off) when unset, empty, or when
-/// `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`.
-pub fn otlp_endpoint_from_env() -> Option<String> {
-    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-    if var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
-        || var("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"))
-    {
-        return None;
-    }
-    var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"))
-}
-
-/// An OTLP/gRPC tracer provider exporting to `endpoint` in batches; `OTEL_SERVICE_NAME` (else
-/// `service_name`) names the service. Must be called inside a tokio runtime (tonic's channel
-/// runs on it).
-pub fn tracer_provider(endpoint: &str, service_name: &str) -> Result<SdkTracerProvider, TelemetryError> {
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint(endpoint)
-        .build()
-        .map_err(|e| TelemetryError::Exporter { endpoint: endpoint.into(), detail: e.to_string() })?;
-    let name = std::env::var("OTEL_SERVICE_NAME")
-        .ok()
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| service_name.to_string());
-    Ok(SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(Resource::builder().with_service_name(name).build())
-        .build())
-}
-
-/// Keeps the OTLP exporter alive; dropping it flushes the spans still buffered.
-pub struct TracingGuard {
-    provider: Option<SdkTracerProvider>,
-    // The exporter's tonic channel runs here when the caller had no runtime of its own.
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl TracingGuard {
-    /// Whether spans are exported (an OTLP endpoint was configured).
-    pub fn exporting(&self) -> bool {
-        self.provider.is_some()
-    }
-}
-
-impl Drop for TracingGuard {
-    fn drop(&mut self) {
-        if let Some(p) = self.provider.take() {
-            if let Err(err) = p.shutdown() {
-                eprintln!("warning: flushing OTLP spans failed: {err}");
-            }
-        }
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-/// Install the process-wide subscriber: logs to stderr filtered by `RUST_LOG` (default `info`),
-/// plus OTLP span export when [`otlp_endpoint_from_env`] gives an endpoint. Also installs the
-/// W3C trace-context propagator globally. Call once, early in `main`; keep the guard until exit.
-pub fn init_tracing(service_name: &str) -> Result<TracingGuard, TelemetryError> {
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
-    let (provider, runtime) = match otlp_endpoint_from_env() {
-        None => (None, None),
-        Some(endpoint) => match tokio::runtime::Handle::try_current() {
-            Ok(_) => (Some(tracer_provider(&endpoint, service_name)?), None),
-            Err(_) => {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .thread_name("otlp-export")
-                    .enable_all()
-                    .build()
-                    .map_err(TelemetryError::Runtime)?;
-                let p = {
-                    let _enter = rt.enter();
-                    tracer_provider(&endpoint, service_name)?
-                };
-                (Some(p), Some(rt))
-            }
-        },
-    };
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("onevision")));
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
-        .with(otel)
-        .try_init()
-        .map_err(|e| TelemetryError::SubscriberInstalled(e.to_string()))?;
-    Ok(TracingGuard { provider, runtime })
-}
+use super::Phase;
 
 // Integer fields are recorded as i64: tracing-opentelemetry exports u64 values as strings, and
 // trace backends only filter and sort numerically on integer attributes.
 
-/// Span of one optimizer step on a trainer rank.
+/// Span of one training step (all its optimizer iterations) on a trainer rank; `step` counts
+/// from 1 like `metrics.jsonl`.
 pub fn training_step_span(step: u64) -> tracing::Span {
     tracing::info_span!("training_step", step = step as i64, otel.kind = "internal")
+}
+
+/// Child span of a training step for one timed phase, named like the phase label of
+/// `onevision_trainer_step_phase_seconds_total` (`rollout_wait`, `reference`, …). The trainer's
+/// weight sync uses [`weight_sync_span`] instead (it carries the version).
+pub fn phase_span(phase: Phase) -> tracing::Span {
+    // Span names are static in `tracing`: one call site per phase.
+    match phase {
+        Phase::RolloutWait => tracing::info_span!("rollout_wait"),
+        Phase::Reference => tracing::info_span!("reference"),
+        Phase::ForwardBackward => tracing::info_span!("forward_backward"),
+        Phase::Optimizer => tracing::info_span!("optimizer"),
+        Phase::WeightSync => tracing::info_span!("weight_sync"),
+        Phase::Checkpoint => tracing::info_span!("checkpoint"),
+    }
 }
 
 /// Span of one prompt-group request on a rollout worker (server side) or the trainer (client).
@@ -130,6 +43,32 @@ pub fn rollout_request_span(group_id: &str, samples: u32) -> tracing::Span {
 /// Span of pushing (trainer) or applying (rollout worker) weight version `version`.
 pub fn weight_sync_span(version: u64) -> tracing::Span {
     tracing::info_span!("weight_sync", version = version as i64)
+}
+
+/// Which end of an RPC a span describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RpcSide {
+    Client,
+    Server,
+}
+
+/// Span of one `onevision.v1.Rollout` call (`method` = `Generate`, `UpdateWeights`, …) with the
+/// worker it talks to (client) or is (server); exported as `onevision.v1.Rollout/<method>`
+/// with span kind client/server. A server span gets its parent from [`set_remote_parent`].
+pub fn rollout_rpc_span(method: &str, side: RpcSide, worker: &str) -> tracing::Span {
+    let kind = match side {
+        RpcSide::Client => "client",
+        RpcSide::Server => "server",
+    };
+    tracing::info_span!(
+        "rollout_rpc",
+        otel.name = format!("onevision.v1.Rollout/{method}"),
+        otel.kind = kind,
+        rpc.system = "grpc",
+        rpc.service = "onevision.v1.Rollout",
+        rpc.method = method,
+        worker,
+    )
 }
 
 struct MetadataInjector<'a>(&'a mut MetadataMap);
@@ -186,6 +125,11 @@ pub fn set_remote_parent(span: &tracing::Span, metadata: &MetadataMap) -> bool {
     span.set_parent(cx).is_ok()
 }
 
+/// The interceptor type of a traced client: `RolloutClient<TracedChannel>`.
+pub type TraceInterceptor = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
+/// A channel whose calls carry the caller's trace context.
+pub type TracedChannel = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, TraceInterceptor>;
+
 /// tonic client interceptor: `RolloutClient::with_interceptor(channel, trace_context_interceptor)`
 /// sends the caller's current span as the remote parent of every request.
 #[allow(clippy::result_large_err)] // the signature tonic's `Interceptor` requires
@@ -194,4 +138,26 @@ pub fn trace_context_interceptor(
 ) -> Result<tonic::Request<()>, tonic::Status> {
     inject_trace_context(req.metadata_mut());
     Ok(req)
+}
+
+/// The tracing set-up of an `onevision` process in `role` (`trainer`, `rollout`, `run`, …):
+/// service `onevision-<role>` and, where the operator's pod environment (or the local runner)
+/// provides them, the resource attributes `k8s.namespace.name`, `k8s.pod.name`,
+/// `onevision.job.name`, `onevision.job.kind`, `onevision.role`, `onevision.rank` (trainer) and
+/// `onevision.replica_index`.
+pub fn process_tracing(role: &str) -> onevision_otel::Tracing {
+    use onevision_operator::env as k;
+    let var = |key: &str| std::env::var(key).unwrap_or_default();
+    let namespace = Some(var(k::JOB_NAMESPACE)).filter(|v| !v.is_empty()).unwrap_or_else(|| var(k::POD_NAMESPACE));
+    let mut t = onevision_otel::Tracing::new(&format!("onevision-{role}"))
+        .attribute("k8s.namespace.name", namespace)
+        .attribute("k8s.pod.name", var(k::POD_NAME))
+        .attribute("onevision.job.name", var(k::JOB_NAME))
+        .attribute("onevision.job.kind", var(k::JOB_KIND))
+        .attribute("onevision.role", role)
+        .attribute("onevision.replica_index", var(k::REPLICA_INDEX));
+    if role == "trainer" {
+        t = t.attribute("onevision.rank", var(k::RANK));
+    }
+    t
 }
