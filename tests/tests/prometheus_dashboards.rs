@@ -3,6 +3,8 @@
 //! that sleeps), a real Prometheus (`scripts/install-prometheus` or `$PROMETHEUS`) scrapes the
 //! operator's `/metrics`, and every PromQL expression of `operator.json` must return data through
 //! Prometheus's HTTP API. (The worker dashboards are checked in worker/tests/telemetry_prometheus.rs.)
+//! The same operator exports its `reconcile` spans over OTLP (`OTEL_EXPORTER_OTLP_ENDPOINT`) to an
+//! in-process receiver, flushing them when it stops.
 //!
 //! Skipped with a message without a cluster or Prometheus, except under CI=true where it fails.
 
@@ -15,6 +17,10 @@ use std::time::{Duration, Instant};
 use onevision_tests::{workspace_binary, workspace_root, BackgroundProcess, Cluster, NodeAgentConfig};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+// The worker tests' OTLP receiver (one copy of it in the repository).
+#[path = "../../worker/tests/otlp_receiver/mod.rs"]
+mod otlp_receiver;
 
 fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
@@ -116,10 +122,16 @@ async fn every_operator_dashboard_expression_returns_data() {
         .expect("node agent");
 
     let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let receiver = otlp_receiver::Receiver::default();
+    let otlp = receiver.start().await;
     let mut cmd = Command::new(workspace_binary("onevision-operator", "onevision-operator").expect("build the operator"));
     cmd.args(["run", "--namespace", &ns, "--metrics-addr", &metrics.to_string()])
         .env("KUBECONFIG", cluster.kubeconfig())
-        .env("RUST_LOG", "info");
+        .env("RUST_LOG", "info")
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"));
+    for k in ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SERVICE_NAME", "OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER"] {
+        cmd.env_remove(k);
+    }
     let mut operator = BackgroundProcess::spawn("onevision-operator", cmd, &fake.path().join("operator.log")).expect("operator");
 
     cluster
@@ -196,6 +208,22 @@ async fn every_operator_dashboard_expression_returns_data() {
     assert!(failures.is_empty(), "{} of {checked} operator dashboard expressions returned no data:\n{}", failures.len(), failures.join("\n"));
 
     operator.stop_gracefully(Duration::from_secs(10)).await.expect("stop the operator");
+    // Stopping flushed the reconcile spans: one per reconcile, naming the object.
+    let ours = |r: &otlp_receiver::Received| {
+        r.span.name == "reconcile"
+            && otlp_receiver::attr_str(&r.span, "kind") == Some("SFTJob")
+            && otlp_receiver::attr_str(&r.span, "namespace") == Some(ns.as_str())
+            && otlp_receiver::attr_str(&r.span, "name") == Some("prom-sft")
+    };
+    let spans = receiver.wait_for(Duration::from_secs(20), |s| s.iter().filter(|r| ours(r)).count() >= 5).await;
+    let reconciles: Vec<_> = spans.iter().filter(|r| ours(r)).collect();
+    assert!(
+        reconciles.len() >= 5,
+        "{} reconcile spans of SFTJob {ns}/prom-sft reached the OTLP receiver; received: {:?}",
+        reconciles.len(),
+        spans.iter().map(|r| (&r.service, &r.span.name)).collect::<Vec<_>>()
+    );
+    assert!(reconciles.iter().all(|r| r.service == "onevision-operator"));
     agent.stop().await.expect("stop the node agent");
     cluster.delete_namespace(&ns).await.expect("delete namespace");
 }

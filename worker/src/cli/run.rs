@@ -11,8 +11,8 @@ use crate::runtime::local::{self, RunOptions};
 pub struct Args {
     /// Manifest with one or more SFTJob/GRPOJob documents (what one would `kubectl apply`).
     pub file: PathBuf,
-    /// Where each job writes DIR/<job>/{metrics.jsonl,status.json,checkpoints/,logs/} and its
-    /// final model.
+    /// Where each job writes DIR/<job>/{metrics.jsonl,status.json,metrics-targets.json,checkpoints/,logs/}
+    /// and its final model.
     #[arg(long, default_value = "runs")]
     pub workdir: PathBuf,
     /// Local directory that stands in for the jobs' storage.mountPath (default: the workdir).
