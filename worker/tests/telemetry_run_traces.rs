@@ -1,5 +1,6 @@
-//! Traces of a real local run: `onevision run` of a tiny GRPOJob with one rollout worker,
-//! exporting to an in-process OTLP receiver through the standard `OTEL_EXPORTER_OTLP_ENDPOINT`.
+//! Traces of a real local run: `onevision run` of a tiny SFTJob and a tiny GRPOJob with one
+//! rollout worker, exporting to an in-process OTLP receiver through the standard
+//! `OTEL_EXPORTER_OTLP_ENDPOINT`.
 //! The trainer and the rollout worker are separate processes; their spans must join in one
 //! trace per training step: the worker's `Generate` server span is a child of the trainer's
 //! client span (W3C `traceparent` over gRPC), which descends from the `training_step` span.
@@ -39,7 +40,7 @@ fn descends_from(spans: &[&Received], span: &Received, ancestor: &Received) -> b
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_local_grpo_run_exports_one_trace_per_step_across_trainer_and_rollout_worker() {
+async fn a_local_run_exports_step_spans_and_one_trace_per_grpo_step_across_trainer_and_rollout_worker() {
     let receiver = Receiver::default();
     let otlp = receiver.start().await;
 
@@ -54,7 +55,15 @@ async fn a_local_grpo_run_exports_one_trace_per_step_across_trainer_and_rollout_
              \x20 trainer: {{nodes: 1, image: onevision:test, masterPort: {}, coordinatorPort: {}}}\n  rollout: {{replicas: 1}}\n\
              \x20 grpo: {{groupSize: 4, maxNewTokens: 8, temperature: 1.0, rewards: [{{name: accuracy}}]}}\n\
              \x20 hyperparameters: {{learningRate: 1.0e-3, globalBatchSize: 4, microBatchSize: 4, maxSteps: 2}}\n\
+             \x20 eval: {{dataset: {{path: /data/data/heldout.jsonl}}}}\n---\n\
+             apiVersion: onevision.dev/v1alpha1\nkind: SFTJob\nmetadata: {{name: traced-sft}}\nspec:\n\
+             \x20 model: {{path: /data/model}}\n  dataset: {{path: /data/data/train.jsonl}}\n  output: {{path: /data/out/traced-sft}}\n\
+             \x20 storage: {{persistentVolumeClaim: {{claimName: data}}}}\n\
+             \x20 trainer: {{nodes: 1, image: onevision:test, masterPort: {}, coordinatorPort: {}}}\n\
+             \x20 hyperparameters: {{learningRate: 1.0e-3, globalBatchSize: 4, microBatchSize: 4, maxSteps: 2}}\n\
              \x20 eval: {{dataset: {{path: /data/data/heldout.jsonl}}}}\n",
+            free_port(),
+            free_port(),
             free_port(),
             free_port()
         ),
@@ -86,11 +95,12 @@ async fn a_local_grpo_run_exports_one_trace_per_step_across_trainer_and_rollout_
     // Every process flushed its spans on exit (the rollout worker on SIGTERM from the runner).
     let served = |s: &[Received]| {
         s.iter().any(|r| r.service == "onevision-rollout" && r.span.name == "onevision.v1.Rollout/Generate")
-            && named(s, "training_step").len() >= 2
+            && named(s, "training_step").len() >= 4
     };
     let spans = receiver.wait_for(Duration::from_secs(20), served).await;
     let names: Vec<(&str, &str)> = spans.iter().map(|r| (r.service.as_str(), r.span.name.as_str())).collect();
-    let trainer: Vec<&Received> = spans.iter().filter(|r| r.service == "onevision-trainer").collect();
+    let job = |r: &Received| r.resource.get("onevision.job.name").cloned().unwrap_or_default();
+    let trainer: Vec<&Received> = spans.iter().filter(|r| r.service == "onevision-trainer" && job(r) == "traced").collect();
     let rollout: Vec<&Received> = spans.iter().filter(|r| r.service == "onevision-rollout").collect();
     assert!(!trainer.is_empty() && !rollout.is_empty(), "spans from both processes: {names:?}");
 
@@ -102,6 +112,19 @@ async fn a_local_grpo_run_exports_one_trace_per_step_across_trainer_and_rollout_
     let r = &rollout[0].resource;
     assert_eq!(r.get("onevision.role").map(String::as_str), Some("rollout"), "{r:?}");
     assert_eq!(r.get("k8s.namespace.name").map(String::as_str), Some("default"), "{r:?}");
+
+    // SFT steps: forward/backward and optimizer phases, nothing of GRPO.
+    let sft: Vec<&Received> = spans.iter().filter(|r| r.service == "onevision-trainer" && job(r) == "traced-sft").collect();
+    let sft_steps: Vec<&Received> = sft.iter().copied().filter(|r| r.span.name == "training_step").collect();
+    let mut numbers: Vec<i64> = sft_steps.iter().filter_map(|r| attr_int(&r.span, "step")).collect();
+    numbers.sort();
+    assert_eq!(numbers, [1, 2], "SFT steps: {names:?}");
+    for step in &sft_steps {
+        for phase in ["forward_backward", "optimizer"] {
+            assert!(sft.iter().any(|r| r.span.name == phase && r.span.parent_span_id == step.span.span_id), "SFT step without {phase}");
+        }
+    }
+    assert!(!sft.iter().any(|r| r.span.name == "rollout_wait" || r.span.name == "weight_sync"), "{names:?}");
 
     // One step span per step, numbered like metrics.jsonl, each with its phases as children.
     let steps: Vec<&Received> = trainer.iter().copied().filter(|r| r.span.name == "training_step").collect();
