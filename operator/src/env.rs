@@ -39,6 +39,9 @@ pub const RESTART_COUNT: &str = "ONEVISION_RESTART_COUNT";
 /// in pods; the container port is named `metrics` for the chart's PodMonitor). Unset or empty:
 /// no metrics server.
 pub const METRICS_ADDR: &str = "ONEVISION_METRICS_ADDR";
+/// `host:port` the rollout worker's gRPC server binds (`0.0.0.0:`[`crate::planner::ROLLOUT_PORT`]
+/// in pods, a fixed container port named `rollout` so a NetworkPolicy can admit it by name).
+pub const ROLLOUT_LISTEN: &str = "ONEVISION_ROLLOUT_LISTEN";
 /// Name of the RolloutPool (rollout pods only).
 pub const POOL_NAME: &str = "ONEVISION_POOL_NAME";
 

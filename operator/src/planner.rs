@@ -37,6 +37,9 @@ pub const ROLLOUT_CONTAINER: &str = "rollout";
 pub const METRICS_PORT: i32 = 9400;
 /// Name of that container port (what the chart's PodMonitor scrapes).
 pub const METRICS_PORT_NAME: &str = "metrics";
+/// gRPC port of rollout workers (`Rollout` service + health), named [`ROLLOUT_PORT_NAME`].
+pub const ROLLOUT_PORT: i32 = 50052;
+pub const ROLLOUT_PORT_NAME: &str = "rollout";
 
 /// Condition types set on jobs.
 pub mod condition {
@@ -696,6 +699,7 @@ pub fn rollout_pod(pool: &RolloutPool, index: i32) -> Result<Pod, PlanError> {
         plain_env(env::POOL_NAME, pool_name.clone()),
         plain_env(env::COORDINATOR, s.coordinator.clone()),
         plain_env(env::JOB_SPEC, env::JOB_SPEC_PATH),
+        plain_env(env::ROLLOUT_LISTEN, format!("0.0.0.0:{ROLLOUT_PORT}")),
         metrics_env(),
     ];
     env.extend(downward_env());
@@ -728,7 +732,14 @@ pub fn rollout_pod(pool: &RolloutPool, index: i32) -> Result<Pod, PlanError> {
                     env::JOB_SPEC_PATH.into(),
                 ]),
                 env: Some(env),
-                ports: Some(vec![metrics_port()]),
+                ports: Some(vec![
+                    ContainerPort {
+                        name: Some(ROLLOUT_PORT_NAME.into()),
+                        container_port: ROLLOUT_PORT,
+                        ..Default::default()
+                    },
+                    metrics_port(),
+                ]),
                 resources: with_gpus(s.resources.as_ref(), s.gpus_per_replica),
                 volume_mounts: Some(volume_mounts),
                 ..Default::default()

@@ -776,6 +776,9 @@ fn pool_keeps_replicas_and_scales_by_index() {
         format!("0.0.0.0:{}", planner::METRICS_PORT)
     );
     assert_eq!(container_port(pod, "metrics"), Some(9400));
+    // A fixed, named gRPC port: the chart's NetworkPolicy admits it by name.
+    assert_eq!(e[env::ROLLOUT_LISTEN], "0.0.0.0:50052");
+    assert_eq!(container_port(pod, planner::ROLLOUT_PORT_NAME), Some(planner::ROLLOUT_PORT));
     assert_eq!(
         pod.spec.as_ref().unwrap().containers[0]
             .command

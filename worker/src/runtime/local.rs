@@ -553,6 +553,8 @@ fn run_gang(
     overrides.insert(k::MASTER_PORT, free_port()?.to_string());
     overrides.insert(k::COORDINATOR, format!("127.0.0.1:{coord_port}"));
     overrides.insert(super::env::RING_BIND, "127.0.0.1:0".into());
+    // Pods each own the fixed rollout port; local workers share one host and take any free one.
+    overrides.insert(k::ROLLOUT_LISTEN, "127.0.0.1:0".into());
     let logs = dir.join("logs");
     let mut targets = Vec::new();
     let mut metrics_addr = |pod: &Pod, env: &mut BTreeMap<String, String>| -> Result<()> {
