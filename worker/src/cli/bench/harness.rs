@@ -366,7 +366,7 @@ impl ModelArgs {
             vocab: self.vocab.unwrap_or(base.vocab),
             ..base
         };
-        if d.heads == 0 || d.kv_heads == 0 || d.heads % d.kv_heads != 0 || d.head_dim == 0 || d.hidden == 0 || d.inter == 0 || d.vocab == 0 {
+        if d.heads == 0 || d.kv_heads == 0 || !d.heads.is_multiple_of(d.kv_heads) || d.head_dim == 0 || d.hidden == 0 || d.inter == 0 || d.vocab == 0 {
             return Err(BenchError::Shape(format!("{d:?}: dimensions must be positive and heads a multiple of kv_heads")).into());
         }
         let label = if d == base { self.model.clone() } else { "custom".into() };

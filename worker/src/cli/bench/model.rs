@@ -19,7 +19,7 @@ use crate::training::{sft_step, Freeze, SftExample, StepOptions, Trainer, Traine
 /// weights in the device's weight dtype on the device. Normal-init tensors are uniform with the
 /// std of transformers' init (0.02); norms are ones and biases zeros, as a fresh model has.
 pub fn random_model(dev: &BenchDevice, m: &TextDims, layers: usize, vocab: usize) -> anyhow::Result<Qwen25Vl> {
-    if m.hidden != m.heads * m.head_dim || m.head_dim % 8 != 0 {
+    if m.hidden != m.heads * m.head_dim || !m.head_dim.is_multiple_of(8) {
         return Err(BenchError::Shape(format!(
             "hidden {} must equal heads {} × head_dim {} (a multiple of 8) for a whole model",
             m.hidden, m.heads, m.head_dim
