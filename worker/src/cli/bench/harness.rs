@@ -102,6 +102,9 @@ pub struct BenchDevice {
     /// (bytes, warmup, iters) -> median seconds of one device-to-device copy of `bytes`.
     copy: CopyFn,
     pub timing: (usize, usize),
+    /// The concrete CUDA backend, for measurements of kernels the trait does not expose.
+    #[cfg(feature = "cuda")]
+    pub cuda: Option<Arc<onevision_cuda::CudaBackend>>,
 }
 
 impl BenchDevice {
@@ -127,6 +130,8 @@ impl BenchDevice {
                     }, || Ok(()))
                 }),
                 timing,
+                #[cfg(feature = "cuda")]
+                cuda: None,
             },
             DeviceSpec::Cuda(n) => open_cuda(spec, n, timing)?,
         };
@@ -175,6 +180,7 @@ fn open_cuda(spec: DeviceSpec, ordinal: usize, timing: (usize, usize)) -> anyhow
     let (g_sync, g_copy) = (gpu.clone(), gpu);
     Ok(BenchDevice {
         spec,
+        cuda: Some(cb.clone()),
         backend: cb,
         peak_tflops: datasheet_peak_tflops(&name),
         name,
