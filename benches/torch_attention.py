@@ -1,6 +1,6 @@
 """Attention fwd / fwd+bwd in PyTorch on Qwen2.5-VL shapes: text (head_dim 128, causal, GQA) and vision
 (head_dim 80, block-diagonal windows), eager vs SDPA (flash) vs torch.compile; plus decode attention
-over a KV cache against the HBM bound. Counterpart of `onevision bench kernels --attention`.
+over a KV cache against the HBM bound. Counterpart of `onevision bench attention --device cuda`.
 
 Needs torch >= 2.5 (SDPA enable_gqa).
 usage: python benches/torch_attention.py [--model 3b|7b] [--seq 4096] [--batch 1] [--iters 20]

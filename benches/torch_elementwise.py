@@ -1,6 +1,6 @@
 """Memory-bound ops in PyTorch (RMSNorm + residual, M-RoPE, SwiGLU, cross-entropy over the vocab)
 against measured device copy bandwidth, eager vs torch.compile. Counterpart of
-`onevision bench kernels --elementwise`. Goal for our kernels: >= 80% of copy bandwidth.
+`onevision bench elementwise --device cuda`. Goal for our kernels: >= 80% of copy bandwidth.
 
 usage: python benches/torch_elementwise.py [--model 3b|7b] [--tokens 8192] [--iters 50]
 """

@@ -742,6 +742,22 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
+    /// Residual add fused into RMSNorm, one pass (`rmsnorm_fwd_bf16` with `residual`/`h_out`, a path
+    /// the `Backend` trait has no op for): h = x + residual, y = rms_norm(h, w). Returns (y, h), BF16.
+    /// Used by `onevision bench elementwise` to measure the fused kernel against copy bandwidth.
+    pub fn rms_norm_residual(&self, x: &Tensor, residual: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+        if w.numel() != x.last_dim() || residual.shape() != x.shape() {
+            return shape_err("rms_norm_residual", format!("x {:?}, residual {:?}, w {:?}", x.shape(), residual.shape(), w.shape()));
+        }
+        let (xi, ri, wi) = (self.bf(x, "rms_norm_residual")?, self.bf(residual, "rms_norm_residual")?, self.bf(w, "rms_norm_residual")?);
+        let (y, yp) = self.empty(x.shape(), DType::BF16)?;
+        let (h, hp) = self.empty(x.shape(), DType::BF16)?;
+        let (rows, cols) = (x.rows(), x.last_dim());
+        let cfg = Launch { grid: (rows.max(1) as u32, 1, 1), block: (256, 1, 1), smem: 0 };
+        self.launch("rmsnorm", "rmsnorm_fwd_bf16", cfg, Args::new().ptr(xi.ptr).ptr(ri.ptr).ptr(wi.ptr).ptr(yp).ptr(hp).null().i32(rows as i32).i32(cols as i32).f32(eps))?;
+        Ok((y, h))
+    }
+
     /// One query token per sequence over a KV cache (generation): the split-K decode kernel, which reads
     /// each K/V row once per kv-head group. None when the shapes are not the decode case.
     fn try_decode_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, spec: &AttnSpec) -> Result<Option<Tensor>> {

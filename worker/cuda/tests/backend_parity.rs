@@ -81,6 +81,12 @@ fn cuda_backend_matches_cpu_oracle() {
     // RMSNorm, SwiGLU, GELU, softmax with backward.
     let (x, w) = (r.tensor(&[41, 333], 1.0), r.tensor(&[333], 1.0));
     close("rms_norm", &gpu, &gpu.rms_norm(&d(&x), &d(&w), 1e-6).unwrap(), &cpu.rms_norm(&x, &w, 1e-6).unwrap());
+    // The fused residual path (bench helper, not a trait op) against add + rms_norm on the CPU.
+    let res = r.tensor(&[41, 333], 1.0);
+    let (gy, gh) = gpu.rms_norm_residual(&d(&x), &d(&res), &d(&w), 1e-6).unwrap();
+    let ch = cpu.add(&x, &res).unwrap();
+    close("rms_norm_residual h", &gpu, &gh, &ch);
+    close("rms_norm_residual y", &gpu, &gy, &cpu.rms_norm(&ch, &w, 1e-6).unwrap());
     let dy = r.tensor(&[41, 333], 1.0);
     let (gx, gw) = gpu.rms_norm_backward(&d(&dy), &d(&x), &d(&w), 1e-6).unwrap();
     let (cx, cw) = cpu.rms_norm_backward(&dy, &x, &w, 1e-6).unwrap();

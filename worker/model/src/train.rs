@@ -36,7 +36,8 @@ struct VisionTape {
     post_gelu: Tensor,
 }
 
-struct TextLayerActs {
+/// Saved activations of one text decoder layer (see [`Qwen25Vl::text_layer_forward`]).
+pub struct TextLayerActs {
     x_in: Tensor,
     h1: Tensor,
     q: Tensor,
@@ -174,8 +175,11 @@ impl Qwen25Vl {
         Ok((x_out, VisionBlockActs { x_in: x, h1, q, k, v, a, x_mid, h2, g, u, act }))
     }
 
-    /// One text decoder layer on `x` [b·t, hidden]: its output and saved activations.
-    fn text_layer_forward(&self, li: usize, x: Tensor, cos: &Tensor, sin: &Tensor, spec: &AttnSpec, b: usize, t: usize) -> Result<(Tensor, TextLayerActs)> {
+    /// One text decoder layer on `x` [b·t, hidden]: its output and saved activations. `cos`/`sin`
+    /// are the M-RoPE tables [b·t, head_dim] and `spec` the causal spec that
+    /// [`forward_train`](Self::forward_train) builds; public so a single layer can be benchmarked.
+    #[allow(clippy::too_many_arguments)]
+    pub fn text_layer_forward(&self, li: usize, x: Tensor, cos: &Tensor, sin: &Tensor, spec: &AttnSpec, b: usize, t: usize) -> Result<(Tensor, TextLayerActs)> {
         let be = self.backend();
         let tc = &self.config.text;
         let (hq, hkv, hd) = (tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim);
@@ -302,9 +306,7 @@ impl Qwen25Vl {
         acc(be, &mut grads, head_name.into(), head.dw)?;
         let (mut dx, dn) = be.rms_norm_backward(&head.dx, &tape.x_final, &self.text.norm, eps)?;
         acc(be, &mut grads, "model.norm.weight".into(), dn)?;
-        let (hq, hkv, hd) = (tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim);
-        for (li, (l, saved)) in self.text.layers.iter().zip(&tape.layers).enumerate().rev() {
-            let p = format!("model.layers.{li}");
+        for (li, saved) in tape.layers.iter().enumerate().rev() {
             let recomputed;
             let s = match saved {
                 Saved::Full(a) => a,
@@ -313,38 +315,7 @@ impl Qwen25Vl {
                     &recomputed
                 }
             };
-            let down = be.linear_backward(&dx, &s.act, &l.down_w, false)?;
-            acc(be, &mut grads, format!("{p}.mlp.down_proj.weight"), down.dw)?;
-            let (dg, du) = be.swiglu_backward(&down.dx, &s.g, &s.u)?;
-            let gate = be.linear_backward(&dg, &s.h2, &l.gate_w, false)?;
-            let up = be.linear_backward(&du, &s.h2, &l.up_w, false)?;
-            acc(be, &mut grads, format!("{p}.mlp.gate_proj.weight"), gate.dw)?;
-            acc(be, &mut grads, format!("{p}.mlp.up_proj.weight"), up.dw)?;
-            let (dxm, dpn) = be.rms_norm_backward(&be.add(&gate.dx, &up.dx)?, &s.x_mid, &l.post_norm, eps)?;
-            acc(be, &mut grads, format!("{p}.post_attention_layernorm.weight"), dpn)?;
-            let dx_mid = be.add(&dx, &dxm)?;
-            let o = be.linear_backward(&dx_mid, &s.a, &l.o_w, false)?;
-            acc(be, &mut grads, format!("{p}.self_attn.o_proj.weight"), o.dw)?;
-            let (dq, dk, dv) = be.attention_backward(&o.dx.reshape(&[b, t, hq, hd])?, &s.q, &s.k, &s.v, &tape.spec)?;
-            let dq = be.rope_backward(&dq.reshape(&[b * t, hq, hd])?, &tape.cos, &tape.sin)?.reshape(&[b * t, hq * hd])?;
-            let dk = be.rope_backward(&dk.reshape(&[b * t, hkv, hd])?, &tape.cos, &tape.sin)?.reshape(&[b * t, hkv * hd])?;
-            let dv = dv.reshape(&[b * t, hkv * hd])?;
-            let mut dh1: Option<Tensor> = None;
-            for (name, d, w) in [("q_proj", &dq, &l.q_w), ("k_proj", &dk, &l.k_w), ("v_proj", &dv, &l.v_w)] {
-                let g = be.linear_backward(d, &s.h1, w, true)?;
-                acc(be, &mut grads, format!("{p}.self_attn.{name}.weight"), g.dw)?;
-                if let Some(db) = g.db {
-                    acc(be, &mut grads, format!("{p}.self_attn.{name}.bias"), db)?;
-                }
-                dh1 = Some(match dh1 {
-                    None => g.dx,
-                    Some(h) => be.add(&h, &g.dx)?,
-                });
-            }
-            let dh1 = dh1.ok_or_else(|| ModelError::Invalid("no attention projections".into()))?;
-            let (dxi, din) = be.rms_norm_backward(&dh1, &s.x_in, &l.input_norm, eps)?;
-            acc(be, &mut grads, format!("{p}.input_layernorm.weight"), din)?;
-            dx = be.add(&dx_mid, &dxi)?;
+            dx = self.text_layer_backward(li, s, &dx, &tape.cos, &tape.sin, &tape.spec, b, t, &mut grads)?;
         }
         // Embedding input: image rows go to the vision encoder, the rest to the table.
         let (d_embed_in, d_feats) = if tape.image_rows.is_empty() { (dx, None) } else {
@@ -357,6 +328,53 @@ impl Qwen25Vl {
             self.vision_backward(vt, &df, &mut grads)?;
         }
         Ok(grads)
+    }
+
+    /// Backward of text layer `li` given ∂loss/∂output `dx` and its saved activations: adds the
+    /// layer's parameter gradients (official names) to `grads` and returns ∂loss/∂input.
+    #[allow(clippy::too_many_arguments)]
+    pub fn text_layer_backward(
+        &self, li: usize, s: &TextLayerActs, dx: &Tensor, cos: &Tensor, sin: &Tensor, spec: &AttnSpec, b: usize, t: usize,
+        grads: &mut BTreeMap<String, Tensor>,
+    ) -> Result<Tensor> {
+        let be = self.backend();
+        let tc = &self.config.text;
+        let (hq, hkv, hd) = (tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim);
+        let eps = tc.rms_norm_eps as f32;
+        let l = &self.text.layers[li];
+        let p = format!("model.layers.{li}");
+        let down = be.linear_backward(dx, &s.act, &l.down_w, false)?;
+        acc(be, grads, format!("{p}.mlp.down_proj.weight"), down.dw)?;
+        let (dg, du) = be.swiglu_backward(&down.dx, &s.g, &s.u)?;
+        let gate = be.linear_backward(&dg, &s.h2, &l.gate_w, false)?;
+        let up = be.linear_backward(&du, &s.h2, &l.up_w, false)?;
+        acc(be, grads, format!("{p}.mlp.gate_proj.weight"), gate.dw)?;
+        acc(be, grads, format!("{p}.mlp.up_proj.weight"), up.dw)?;
+        let (dxm, dpn) = be.rms_norm_backward(&be.add(&gate.dx, &up.dx)?, &s.x_mid, &l.post_norm, eps)?;
+        acc(be, grads, format!("{p}.post_attention_layernorm.weight"), dpn)?;
+        let dx_mid = be.add(dx, &dxm)?;
+        let o = be.linear_backward(&dx_mid, &s.a, &l.o_w, false)?;
+        acc(be, grads, format!("{p}.self_attn.o_proj.weight"), o.dw)?;
+        let (dq, dk, dv) = be.attention_backward(&o.dx.reshape(&[b, t, hq, hd])?, &s.q, &s.k, &s.v, spec)?;
+        let dq = be.rope_backward(&dq.reshape(&[b * t, hq, hd])?, cos, sin)?.reshape(&[b * t, hq * hd])?;
+        let dk = be.rope_backward(&dk.reshape(&[b * t, hkv, hd])?, cos, sin)?.reshape(&[b * t, hkv * hd])?;
+        let dv = dv.reshape(&[b * t, hkv * hd])?;
+        let mut dh1: Option<Tensor> = None;
+        for (name, d, w) in [("q_proj", &dq, &l.q_w), ("k_proj", &dk, &l.k_w), ("v_proj", &dv, &l.v_w)] {
+            let g = be.linear_backward(d, &s.h1, w, true)?;
+            acc(be, grads, format!("{p}.self_attn.{name}.weight"), g.dw)?;
+            if let Some(db) = g.db {
+                acc(be, grads, format!("{p}.self_attn.{name}.bias"), db)?;
+            }
+            dh1 = Some(match dh1 {
+                None => g.dx,
+                Some(h) => be.add(&h, &g.dx)?,
+            });
+        }
+        let dh1 = dh1.ok_or_else(|| ModelError::Invalid("no attention projections".into()))?;
+        let (dxi, din) = be.rms_norm_backward(&dh1, &s.x_in, &l.input_norm, eps)?;
+        acc(be, grads, format!("{p}.input_layernorm.weight"), din)?;
+        be.add(&dx_mid, &dxi)
     }
 
     fn vision_backward(&self, vt: &VisionTape, d_out: &Tensor, grads: &mut BTreeMap<String, Tensor>) -> Result<()> {

@@ -3,20 +3,28 @@
 //!
 //! - `bench cpu --model DIR`: CPU prefill, decode, vision encoder and one SFT training step
 //!   (forward + backward + AdamW) on an HF checkpoint, plus the process's peak RSS.
-//! - `bench kernels`: see `onevision kernels check` for compilation; timing needs a GPU build.
+//! - `bench attention|elementwise|layer|sft-step|decode --device cpu|cuda[:N]`: Backend ops, one
+//!   decoder layer, the SFT step and decoding on Qwen2.5-VL shapes, the counterparts of
+//!   benches/torch_*.py (modules under bench/; docs/cuda.md lists the commands).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
+mod harness;
+mod kernels;
+mod model;
+
+pub use harness::{BenchError, DeviceSpec};
+
 use anyhow::Context;
 use clap::{Args as ClapArgs, Subcommand};
 use onevision_model::{CpuBackend, DType, PromptInput, Qwen25Vl, Tensor};
-use onevision_train::{AdamWConfig, Schedule, ScheduleKind, Warmup};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use crate::training::{sft_step, Freeze, SftExample, StepOptions, Trainer, TrainerConfig};
+use crate::training::{sft_step, SftExample, StepOptions};
+use harness::median;
 
 #[derive(Debug, ClapArgs)]
 pub struct Args {
@@ -28,6 +36,19 @@ pub struct Args {
 pub enum BenchCommand {
     /// CPU model throughput: prefill, decode, vision, SFT training step (one JSON line each).
     Cpu(CpuArgs),
+    /// Attention fwd and fwd+bwd TFLOP/s (text hd128 causal GQA, vision hd80 windows) and decode
+    /// attention GB/s; pairs with benches/torch_attention.py.
+    Attention(kernels::AttentionArgs),
+    /// RMSNorm(+residual), RoPE and SwiGLU GB/s against the measured device copy bandwidth; pairs
+    /// with benches/torch_elementwise.py.
+    Elementwise(kernels::ElementwiseArgs),
+    /// One decoder layer forward + backward, TFLOP/s and MFU; pairs with benches/torch_layer.py.
+    Layer(model::LayerArgs),
+    /// A full SFT step (forward, loss, backward, AdamW) on 3B/7B text shapes with fewer layers:
+    /// tokens/s and MFU.
+    SftStep(model::SftStepArgs),
+    /// Decoding tokens/s with the KV cache against the memory-bandwidth bound of the weights.
+    Decode(model::DecodeArgs),
 }
 
 #[derive(Debug, ClapArgs)]
@@ -58,24 +79,17 @@ pub struct CpuArgs {
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         BenchCommand::Cpu(a) => cpu(a),
+        BenchCommand::Attention(a) => kernels::attention(a),
+        BenchCommand::Elementwise(a) => kernels::elementwise(a),
+        BenchCommand::Layer(a) => model::layer(a),
+        BenchCommand::SftStep(a) => model::sft_step_bench(a),
+        BenchCommand::Decode(a) => model::decode(a),
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-/// Times `f` `iters` times after one warm-up; returns the median seconds.
-fn time<F: FnMut() -> anyhow::Result<()>>(iters: usize, mut f: F) -> anyhow::Result<f64> {
-    f()?;
-    let mut t = Vec::with_capacity(iters);
-    for _ in 0..iters.max(1) {
-        let t0 = Instant::now();
-        f()?;
-        t.push(t0.elapsed().as_secs_f64());
-    }
-    Ok(median(t))
+/// Times `f` `iters` times after one warm-up on the CPU; returns the median seconds.
+fn time<F: FnMut() -> anyhow::Result<()>>(iters: usize, f: F) -> anyhow::Result<f64> {
+    harness::time(1, iters, f, || Ok(()))
 }
 
 /// Peak resident set size of this process (Linux VmHWM), in bytes.
@@ -151,9 +165,7 @@ fn cpu(a: CpuArgs) -> anyhow::Result<()> {
         let input = ids(&mut rng, a.train_len);
         let labels: Vec<i64> = input.iter().map(|&t| t as i64).collect();
         let batch = vec![SftExample { input: PromptInput { input_ids: input, ..Default::default() }, labels }];
-        let schedule = Schedule::new(ScheduleKind::Constant, 1e-5, 1_000_000, Warmup::Steps(0))?;
-        let cfg = TrainerConfig { adamw: AdamWConfig::default(), schedule, max_grad_norm: Some(1.0), freeze: Freeze::default() };
-        let mut trainer = Trainer::new(model, cfg)?;
+        let mut trainer = model::bench_trainer(model)?;
         let s = time(a.iters, || {
             let out = sft_step(&trainer.model, &batch, &StepOptions::default())?;
             trainer.apply(out.grads)?;

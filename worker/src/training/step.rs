@@ -131,7 +131,8 @@ pub fn sft_step(model: &Qwen25Vl, batch: &[SftExample], opts: &StepOptions) -> R
     let logits = host_logits(model, &fwd.logits)?;
     let ce = cross_entropy(&logits, v, &labels, opts.denominator)?;
     drop(logits);
-    let dlogits = Tensor::from_f32(&[b, t, v], ce.grad_logits)?;
+    // The loss runs on the host; its gradient goes back to the model's device (identity on CPU).
+    let dlogits = model.backend().to_device(&Tensor::from_f32(&[b, t, v], ce.grad_logits)?)?;
     let grads = model.backward(&fwd.tape, &dlogits)?;
     Ok(StepOutput { loss: ce.loss, tokens: ce.tokens, grads: model_grads_to_map(model, grads, opts.freeze)?, stats: StepStats::default() })
 }
@@ -251,7 +252,7 @@ pub fn grpo_step(model: &Qwen25Vl, batch: &[GrpoSample], cfg: &GrpoConfig, opts:
     for (ri, &(r, _)) in rows.iter().enumerate() {
         dlogits[r * v..(r + 1) * v].copy_from_slice(&d_sel[ri * v..(ri + 1) * v]);
     }
-    let grads = model.backward(&fwd.tape, &Tensor::from_f32(&[b, t, v], dlogits)?)?;
+    let grads = model.backward(&fwd.tape, &model.backend().to_device(&Tensor::from_f32(&[b, t, v], dlogits)?)?)?;
     Ok(StepOutput {
         loss: out.loss,
         tokens: rows.len(),

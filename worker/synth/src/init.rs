@@ -328,7 +328,8 @@ pub fn tensor_specs(o: &InitOptions, vocab: usize) -> Vec<(String, Vec<usize>, I
     v
 }
 
-fn config_json(o: &InitOptions, vocab: usize, full: &[usize]) -> serde_json::Value {
+/// config.json of a checkpoint with these options (also used by `onevision bench` to build in-memory models).
+pub fn config_json(o: &InitOptions, vocab: usize, full: &[usize]) -> serde_json::Value {
     let id = |t: &str| SPECIAL_TOKENS.iter().position(|s| *s == t).unwrap_or(0);
     let head_dim = o.hidden_size / o.num_attention_heads;
     serde_json::json!({
