@@ -364,7 +364,7 @@ impl TrainStep for GrpoStep<'_> {
             let grads = all_reduce_grads(cx.comm, &self.layout, &grads, &mut extra)?;
             t_fb += t.elapsed().as_secs_f64();
             let t = Instant::now();
-            let applied = trainer.apply(grads)?;
+            let applied = trainer.apply_reduced(cx.comm, grads)?;
             t_opt += t.elapsed().as_secs_f64();
             t_sync += self.source.publish(cx, trainer, applied.step)?;
             last = Some(applied);
