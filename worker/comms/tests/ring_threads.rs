@@ -197,13 +197,13 @@ fn padded_reduce_scatter_and_all_gather_match_a_naive_reference_2_and_3_ranks() 
             let naive: Vec<f32> = (0..len).map(|i| (0..n).map(|r| inputs[r][i]).sum()).collect();
             for (r, res) in results.into_iter().enumerate() {
                 let (shard, full) = res.unwrap_or_else(|e| panic!("n={n} len={len} rank {r}: {e}"));
-                for j in 0..k {
+                assert_eq!(shard.len(), k);
+                for (j, got) in shard.iter().enumerate() {
                     let want = naive.get(r * k + j).copied().unwrap_or(0.0);
                     // Only the summation order can differ from the naive sum (f32 reassociation).
                     assert!(
-                        (shard[j] - want).abs() <= 4.0 * n as f32 * f32::EPSILON,
-                        "n={n} len={len} rank {r} shard[{j}] {} vs {want}",
-                        shard[j]
+                        (got - want).abs() <= 4.0 * n as f32 * f32::EPSILON,
+                        "n={n} len={len} rank {r} shard[{j}] {got} vs {want}"
                     );
                 }
                 for i in 0..len {

@@ -367,6 +367,9 @@ fn assemble_shards(
     weights: &TensorMap,
     world_size: usize,
 ) -> Result<BTreeMap<String, ParamState>, CheckpointError> {
+    if world_size == 0 {
+        return Err(CheckpointError::State { file: dir.join(STATE), msg: "optimizer_shards is 0".into() });
+    }
     let mut optimizer: BTreeMap<String, ParamState> = BTreeMap::new();
     let mut covered: BTreeMap<String, usize> = BTreeMap::new();
     for rank in 0..world_size {
@@ -394,7 +397,8 @@ fn assemble_shards(
             let w = weights
                 .get(&p.name)
                 .ok_or_else(|| bad(format!("shard of `{}`, which the checkpoint has no weight for", p.name)))?;
-            if p.param.end > w.data.len() || p.local.end > m.data.len() || p.param.len() != p.local.len() {
+            let ordered = p.param.start <= p.param.end && p.local.start <= p.local.end;
+            if !ordered || p.param.end > w.data.len() || p.local.end > m.data.len() || p.param.len() != p.local.len() {
                 return Err(bad(format!("piece of `{}` out of range", p.name)));
             }
             let st = optimizer.entry(p.name.clone()).or_insert_with(|| ParamState {
