@@ -124,6 +124,13 @@ pub struct TrainerSpec {
     #[serde(default = "default_coordinator_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub coordinator_port: i32,
+    /// ZeRO stage of the data-parallel ranks: 0 = every rank holds the full optimizer state;
+    /// 1 = ZeRO-1, each rank keeps fp32 master weights and AdamW moments for 1/N of the
+    /// parameters (gradients reduce-scattered, parameters all-gathered). Checkpoints of either
+    /// stage resume under the other and under another number of ranks.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self == 0 || self == 1").message("trainer.zeroStage must be 0 (off) or 1 (ZeRO-1 optimizer-state sharding)"))]
+    pub zero_stage: i32,
 }
 
 fn default_master_port() -> i32 {
@@ -877,5 +884,30 @@ impl JobKind {
 impl std::fmt::Display for JobKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+
+    /// `trainer.zeroStage` defaults to 0 (existing manifests keep their meaning) and the schema
+    /// refuses anything but 0 and 1 with a message naming the field.
+    #[test]
+    fn zero_stage_defaults_to_off_and_is_validated_by_the_schema() {
+        let t: TrainerSpec = serde_json::from_value(serde_json::json!({"nodes": 2, "image": "x"})).unwrap();
+        assert_eq!(t.zero_stage, 0);
+        let t: TrainerSpec =
+            serde_json::from_value(serde_json::json!({"nodes": 2, "image": "x", "zeroStage": 1})).unwrap();
+        assert_eq!(serde_json::to_value(&t).unwrap()["zeroStage"], 1);
+        for crd in [SFTJob::crd(), GRPOJob::crd()] {
+            let schema = serde_json::to_value(crd.spec.versions[0].schema.as_ref().unwrap()).unwrap();
+            let field = &schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["trainer"]["properties"]["zeroStage"];
+            assert_eq!(field["default"], 0);
+            let rule = &field["x-kubernetes-validations"][0];
+            assert_eq!(rule["rule"], "self == 0 || self == 1");
+            assert!(rule["message"].as_str().unwrap().contains("trainer.zeroStage"));
+        }
     }
 }

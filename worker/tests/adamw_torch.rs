@@ -54,7 +54,7 @@ fn three_adamw_steps_equal_torch_optim_adamw_and_export_round_trips() {
     let batch = sft_batch(&dir, &enc, tmp.path());
     let mut t = trainer(&model_dir, &expected);
     let before: std::collections::BTreeMap<String, Vec<f32>> =
-        t.master().iter().map(|(n, p)| (n.clone(), p.data.clone())).collect();
+        t.master().expect("unsharded trainer").iter().map(|(n, p)| (n.clone(), p.data.clone())).collect();
 
     let want_losses: Vec<f64> =
         expected["losses_before_each_step"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
@@ -72,7 +72,7 @@ fn three_adamw_steps_equal_torch_optim_adamw_and_export_round_trips() {
     // correction or weight decay gives O(1) errors).
     let mut checked = 0;
     for (name, want) in reference_fixtures::read_f32_tensors(&dir.join("adamw/params_after.safetensors")) {
-        let got = &t.master().get(&name).unwrap_or_else(|| panic!("no master weight {name}")).data;
+        let got = &t.master().expect("unsharded trainer").get(&name).unwrap_or_else(|| panic!("no master weight {name}")).data;
         let b = &before[&name];
         let (mut num, mut den) = (0.0f64, 0.0f64);
         for i in 0..want.len() {
@@ -92,7 +92,7 @@ fn three_adamw_steps_equal_torch_optim_adamw_and_export_round_trips() {
         assert!(e < 1e-2, "{name}: update relative error {e:.3e}");
         checked += 1;
     }
-    assert_eq!(checked, t.master().len(), "every parameter compared");
+    assert_eq!(checked, t.master().expect("unsharded trainer").len(), "every parameter compared");
 
     // The export is a loadable HF checkpoint carrying exactly the trained weights.
     let out_dir = tmp.path().join("export");
@@ -103,7 +103,7 @@ fn three_adamw_steps_equal_torch_optim_adamw_and_export_round_trips() {
     let reloaded = Qwen25Vl::load(&out_dir, Arc::new(CpuBackend::new()), DType::F32).unwrap();
     for (name, w) in reloaded.named_weights() {
         let got = w.to_f32_vec().unwrap();
-        assert_eq!(got, t.master()[&name].data, "{name} changed in the export");
+        assert_eq!(got, t.master().expect("unsharded trainer")[&name].data, "{name} changed in the export");
     }
     let loss_after = sft_step(&reloaded, &batch, &StepOptions::default()).unwrap().loss;
     let loss_trained = sft_step(&t.model, &batch, &StepOptions::default()).unwrap().loss;

@@ -35,6 +35,41 @@ pub trait Communicator: Send + Sync {
         self.broadcast_bytes(bytemuck::cast_slice_mut(buf), root)
     }
 
+    /// [`reduce_scatter_sum_f32`](Self::reduce_scatter_sum_f32) of a buffer of any length (ZeRO-1
+    /// over a flattened parameter vector): `input` is zero-padded to `world_size * k` with
+    /// `k = shard_len(input.len(), world_size)`, and `output` (length `k`) receives this rank's
+    /// summed shard `[rank * k, (rank + 1) * k)`; positions past the end of `input` come back 0.
+    fn reduce_scatter_sum_padded_f32(&self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
+        let n = self.world_size();
+        let k = shard_len(input.len(), n);
+        check_padded_shard("reduce_scatter_padded", input.len(), output.len(), k)?;
+        if input.len() == k * n {
+            return self.reduce_scatter_sum_f32(input, output);
+        }
+        let mut padded = Vec::with_capacity(k * n);
+        padded.extend_from_slice(input);
+        padded.resize(k * n, 0.0);
+        self.reduce_scatter_sum_f32(&padded, output)
+    }
+
+    /// The inverse of [`reduce_scatter_sum_padded_f32`](Self::reduce_scatter_sum_padded_f32):
+    /// every rank passes its shard of `k = shard_len(output.len(), world_size)` elements and
+    /// `output[r * k..]` receives rank `r`'s shard; what falls past `output.len()` (the padding of
+    /// the last ranks) is dropped.
+    fn all_gather_padded_f32(&self, input: &[f32], output: &mut [f32]) -> Result<(), CommError> {
+        let n = self.world_size();
+        let k = shard_len(output.len(), n);
+        check_padded_shard("all_gather_padded", output.len(), input.len(), k)?;
+        if output.len() == k * n {
+            return self.all_gather_f32(input, output);
+        }
+        let mut full = vec![0f32; k * n];
+        self.all_gather_f32(input, &mut full)?;
+        let len = output.len();
+        output.copy_from_slice(&full[..len]);
+        Ok(())
+    }
+
     /// Element-wise mean over ranks (sum, then scaled by `1 / world_size`): gradient averaging.
     fn all_reduce_mean_f32(&self, buf: &mut [f32]) -> Result<(), CommError> {
         self.all_reduce_sum_f32(buf)?;
@@ -51,6 +86,16 @@ pub trait Communicator: Send + Sync {
 /// [`Communicator::reduce_scatter_sum_f32`] / [`Communicator::all_gather_f32`].
 pub fn shard_len(len: usize, world_size: usize) -> usize {
     len.div_ceil(world_size.max(1))
+}
+
+fn check_padded_shard(op: &'static str, full: usize, shard: usize, want: usize) -> Result<(), CommError> {
+    if shard != want {
+        return Err(CommError::InvalidArgument {
+            op,
+            detail: format!("a buffer of {full} elements needs shards of {want} elements, got {shard}"),
+        });
+    }
+    Ok(())
 }
 
 pub(crate) fn check_root(op: &'static str, root: usize, world_size: usize) -> Result<(), CommError> {
@@ -133,5 +178,16 @@ mod tests {
         ));
         assert!(matches!(c.broadcast_bytes(&mut [1, 2], 1), Err(CommError::InvalidArgument { .. })));
         assert_eq!(shard_len(10, 4), 3);
+        // Padded variants in a world of one: the shard is the whole buffer.
+        let mut one = [0.0f32; 2];
+        c.reduce_scatter_sum_padded_f32(&v, &mut one).unwrap();
+        assert_eq!(one, [1.5, -2.0]);
+        let mut back = [0.0f32; 2];
+        c.all_gather_padded_f32(&one, &mut back).unwrap();
+        assert_eq!(back, [1.5, -2.0]);
+        assert!(matches!(
+            c.reduce_scatter_sum_padded_f32(&v, &mut bad),
+            Err(CommError::InvalidArgument { .. })
+        ));
     }
 }

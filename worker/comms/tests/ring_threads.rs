@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use onevision_comms::{
-    ring_segment, ring_sum_order, CommError, Communicator, RingConfig, TcpRingCommunicator,
+    ring_segment, ring_sum_order, shard_len, CommError, Communicator, RingConfig,
+    TcpRingCommunicator,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -171,6 +172,61 @@ fn all_gather_2_3_4_ranks() {
         for res in results {
             assert_eq!(res.unwrap(), expected);
         }
+    }
+}
+
+/// ZeRO-1 shapes: flattened parameter vectors whose length is not a multiple of the world size.
+/// Reference: the naive per-element sum over ranks of the zero-padded inputs, sliced per rank.
+#[test]
+fn padded_reduce_scatter_and_all_gather_match_a_naive_reference_2_and_3_ranks() {
+    for n in [2usize, 3] {
+        // Odd lengths not divisible by 2 or 3, plus 6 (divisible: the unpadded path).
+        for len in [1usize, 5, 6, 7, 101, 1001] {
+            let k = shard_len(len, n);
+            let comms = connect_ring(n, |c| c.chunk_bytes = 24);
+            let inputs: Vec<Vec<f32>> = (0..n).map(|r| rank_data(r, len, 11 + len as u64)).collect();
+            let inputs2 = inputs.clone();
+            let results = on_all(comms, move |c| {
+                let mut shard = vec![f32::NAN; k];
+                c.reduce_scatter_sum_padded_f32(&inputs2[c.rank()], &mut shard)?;
+                // Gather the summed shards back: every rank must end with the full sum.
+                let mut full = vec![f32::NAN; len];
+                c.all_gather_padded_f32(&shard, &mut full)?;
+                Ok::<_, CommError>((shard, full))
+            });
+            let naive: Vec<f32> = (0..len).map(|i| (0..n).map(|r| inputs[r][i]).sum()).collect();
+            for (r, res) in results.into_iter().enumerate() {
+                let (shard, full) = res.unwrap_or_else(|e| panic!("n={n} len={len} rank {r}: {e}"));
+                assert_eq!(shard.len(), k);
+                for (j, got) in shard.iter().enumerate() {
+                    let want = naive.get(r * k + j).copied().unwrap_or(0.0);
+                    // Only the summation order can differ from the naive sum (f32 reassociation).
+                    assert!(
+                        (got - want).abs() <= 4.0 * n as f32 * f32::EPSILON,
+                        "n={n} len={len} rank {r} shard[{j}] {got} vs {want}"
+                    );
+                }
+                for i in 0..len {
+                    assert!((full[i] - naive[i]).abs() <= 4.0 * n as f32 * f32::EPSILON, "n={n} len={len} [{i}]");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn padded_collectives_refuse_wrong_shard_lengths() {
+    let comms = connect_ring(2, |_| {});
+    let results = on_all(comms, |c| {
+        let mut short = vec![0f32; 3];
+        let rs = c.reduce_scatter_sum_padded_f32(&[1.0; 7], &mut short);
+        let mut out = vec![0f32; 7];
+        let ag = c.all_gather_padded_f32(&[1.0; 3], &mut out);
+        (rs, ag)
+    });
+    for (rs, ag) in results {
+        assert!(matches!(rs, Err(CommError::InvalidArgument { .. })), "{rs:?}");
+        assert!(matches!(ag, Err(CommError::InvalidArgument { .. })), "{ag:?}");
     }
 }
 

@@ -123,7 +123,9 @@ impl Communicator {
             .map_err(nccl_err("ncclAllReduce"))
     }
 
-    /// send holds world * recv_count elements; rank r receives the reduced slice r.
+    /// send holds world * recv_count elements; rank r receives the reduced slice r. Same
+    /// equal-count contract as `onevision_comms::Communicator::reduce_scatter_sum_f32` (ZeRO-1
+    /// pads the flattened gradients to a multiple of the world size first).
     pub fn reduce_scatter(&self, send: u64, recv: u64, recv_count: usize, t: Elem, op: ReduceOp) -> Result<()> {
         // SAFETY: buffer sizes as documented above.
         unsafe { nc::reduce_scatter(send as *const c_void, recv as *mut c_void, recv_count, dtype(t), op.nccl(), self.comm, self.s()) }
@@ -131,7 +133,7 @@ impl Communicator {
             .map_err(nccl_err("ncclReduceScatter"))
     }
 
-    /// recv holds world * send_count elements, rank-major.
+    /// recv holds world * send_count elements, rank-major (`Communicator::all_gather_f32`).
     pub fn all_gather(&self, send: u64, recv: u64, send_count: usize, t: Elem) -> Result<()> {
         // SAFETY: buffer sizes as documented above.
         unsafe { nc::all_gather(send as *const c_void, recv as *mut c_void, send_count, dtype(t), self.comm, self.s()) }

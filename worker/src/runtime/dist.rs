@@ -1,54 +1,61 @@
 //! Gradients and scalars across data-parallel ranks: a fixed layout (sorted trainable names) so
-//! every rank flattens the same way, one all-reduce per step for the gradients plus the step's
-//! scalars appended to the same buffer.
+//! every rank flattens the same way, and one reduction per step for the gradients: an all-reduce
+//! (with the step's scalars appended to the same buffer), or under ZeRO-1 a reduce-scatter that
+//! leaves each rank only the summed gradient of its own shard (the scalars then take a second,
+//! tiny all-reduce).
 
 use onevision_comms::Communicator;
-use onevision_train::{Tensor, TensorMap};
+use onevision_train::{FlatLayout, Tensor, TensorMap};
 
 use super::{Result, RuntimeError};
-use crate::training::Freeze;
+use crate::training::{Freeze, ReducedGrads, Trainer};
 
-/// Names and shapes of the trainable parameters, in a fixed order.
+/// Names and shapes of the trainable parameters, in a fixed order, and whether gradients are
+/// reduce-scattered (ZeRO-1) or all-reduced.
 #[derive(Debug, Clone)]
 pub struct GradLayout {
-    entries: Vec<(String, Vec<usize>)>,
-    total: usize,
+    flat: FlatLayout,
+    /// `(rank, world)` under ZeRO-1.
+    zero1: Option<(usize, usize)>,
 }
 
 impl GradLayout {
-    /// Every parameter of `master` that `freeze` does not freeze.
+    /// Every parameter of `master` that `freeze` does not freeze; gradients all-reduced.
     pub fn new(master: &TensorMap, freeze: Freeze) -> Self {
-        let entries: Vec<(String, Vec<usize>)> = master
-            .iter()
-            .filter(|(n, _)| !freeze.is_frozen(n))
-            .map(|(n, t)| (n.clone(), t.shape.clone()))
-            .collect();
-        let total = entries.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
-        GradLayout { entries, total }
+        let flat = FlatLayout::new(
+            master.iter().filter(|(n, _)| !freeze.is_frozen(n)).map(|(n, t)| (n.clone(), t.shape.clone())),
+        );
+        GradLayout { flat, zero1: None }
+    }
+
+    /// The layout `trainer` steps on: its trainable parameters, reduce-scattered when it is a
+    /// ZeRO-1 trainer.
+    pub fn for_trainer(trainer: &Trainer) -> Self {
+        GradLayout { flat: trainer.layout().clone(), zero1: trainer.zero1() }
     }
 
     /// Elements of all trainable parameters.
     pub fn len(&self) -> usize {
-        self.total
+        self.flat.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.total == 0
+        self.flat.is_empty()
     }
 
     /// Flatten `grads` (missing names count as zero) followed by `extra`.
     pub fn flatten(&self, grads: &TensorMap, extra: &[f32]) -> Result<Vec<f32>> {
-        let mut flat = Vec::with_capacity(self.total + extra.len());
-        for (name, shape) in &self.entries {
-            match grads.get(name) {
-                Some(g) if &g.shape == shape => flat.extend_from_slice(&g.data),
+        let mut flat = Vec::with_capacity(self.flat.len() + extra.len());
+        for e in self.flat.entries() {
+            match grads.get(&e.name) {
+                Some(g) if g.shape == e.shape => flat.extend_from_slice(&g.data),
                 Some(g) => {
                     return Err(RuntimeError::Config(format!(
-                        "gradient `{name}` has shape {:?}, the parameter {shape:?}",
-                        g.shape
+                        "gradient `{}` has shape {:?}, the parameter {:?}",
+                        e.name, g.shape, e.shape
                     )))
                 }
-                None => flat.extend(std::iter::repeat_n(0.0, shape.iter().product())),
+                None => flat.extend(std::iter::repeat_n(0.0, e.numel())),
             }
         }
         flat.extend_from_slice(extra);
@@ -58,28 +65,46 @@ impl GradLayout {
     /// The inverse of [`flatten`](Self::flatten): the gradients and the trailing extras.
     pub fn unflatten(&self, flat: Vec<f32>) -> (TensorMap, Vec<f32>) {
         let mut out = TensorMap::new();
-        let mut at = 0;
-        for (name, shape) in &self.entries {
-            let n: usize = shape.iter().product();
-            out.insert(name.clone(), Tensor { shape: shape.clone(), data: flat[at..at + n].to_vec() });
-            at += n;
+        for e in self.flat.entries() {
+            out.insert(e.name.clone(), Tensor { shape: e.shape.clone(), data: flat[e.range()].to_vec() });
         }
-        (out, flat[at..].to_vec())
+        (out, flat[self.flat.len()..].to_vec())
     }
 }
 
-/// Sums `grads` and `extra` over all ranks in one collective; every rank gets the same result.
+/// Sums `grads` and `extra` over all ranks; `extra` is summed in place on every rank. Unsharded
+/// layouts: one all-reduce, every rank gets the full gradients. ZeRO-1: a padded reduce-scatter
+/// of the flattened gradients (each rank gets the sum of its shard only) and an all-reduce of
+/// `extra`.
 pub fn all_reduce_grads(
     comm: &dyn Communicator,
     layout: &GradLayout,
     grads: &TensorMap,
     extra: &mut [f32],
-) -> Result<TensorMap> {
-    let mut flat = layout.flatten(grads, extra)?;
-    comm.all_reduce_sum_f32(&mut flat)?;
-    let (g, e) = layout.unflatten(flat);
-    extra.copy_from_slice(&e);
-    Ok(g)
+) -> Result<ReducedGrads> {
+    let Some((rank, world)) = layout.zero1 else {
+        let mut flat = layout.flatten(grads, extra)?;
+        comm.all_reduce_sum_f32(&mut flat)?;
+        let (g, e) = layout.unflatten(flat);
+        extra.copy_from_slice(&e);
+        return Ok(ReducedGrads::Full(g));
+    };
+    if (comm.rank(), comm.world_size()) != (rank, world) {
+        return Err(RuntimeError::Config(format!(
+            "ZeRO-1 layout of rank {rank}/{world} used with a communicator of rank {}/{}",
+            comm.rank(),
+            comm.world_size()
+        )));
+    }
+    let flat = layout.flatten(grads, &[])?;
+    let mut shard = vec![0f32; layout.flat.shard_len(world)];
+    comm.reduce_scatter_sum_padded_f32(&flat, &mut shard)?;
+    // The padding of the last ranks is not part of any parameter.
+    shard.truncate(layout.flat.shard_range(rank, world).len());
+    if !extra.is_empty() {
+        comm.all_reduce_sum_f32(extra)?;
+    }
+    Ok(ReducedGrads::Shard(shard))
 }
 
 /// Element-wise sum of a few scalars over all ranks (counts, statistics, flags).

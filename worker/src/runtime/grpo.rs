@@ -370,7 +370,7 @@ impl TrainStep for GrpoStep<'_> {
             drop(in_fb);
             t_fb += t.elapsed().as_secs_f64();
             let t = Instant::now();
-            let applied = phase_span(Phase::Optimizer).in_scope(|| trainer.apply(grads))?;
+            let applied = phase_span(Phase::Optimizer).in_scope(|| trainer.apply_reduced(cx.comm, grads))?;
             t_opt += t.elapsed().as_secs_f64();
             t_sync += self.source.publish(cx, trainer, applied.step)?;
             last = Some(applied);

@@ -38,6 +38,8 @@ pub struct JobSettings {
     pub seed: u64,
     pub checkpoint_every: u64,
     pub checkpoint_keep: usize,
+    /// `trainer.zeroStage`: 0 = every rank holds the full optimizer state, 1 = ZeRO-1 (sharded).
+    pub zero_stage: u8,
     pub grpo: Option<GrpoSettings>,
 }
 
@@ -75,6 +77,12 @@ impl JobSettings {
         if h.global_batch_size < 1 || h.micro_batch_size < 1 || h.epochs < 1 {
             return Err(bad("hyperparameters.globalBatchSize, microBatchSize and epochs must be ≥ 1".into()));
         }
+        // The API server enforces this too; a job file written by hand is checked here.
+        let zero_stage = match c.trainer.zero_stage {
+            0 => 0,
+            1 => 1,
+            z => return Err(bad(format!("trainer.zeroStage must be 0 (off) or 1 (ZeRO-1 optimizer-state sharding), got {z}"))),
+        };
         let grpo = match job.grpo() {
             None => None,
             Some((g, rollout)) => Some(grpo_settings(g, rollout.replicas, h.global_batch_size)?),
@@ -107,6 +115,7 @@ impl JobSettings {
             seed: h.seed.max(0) as u64,
             checkpoint_every: c.checkpoint.every_steps.max(1) as u64,
             checkpoint_keep: c.checkpoint.keep.max(1) as usize,
+            zero_stage,
             grpo,
         })
     }

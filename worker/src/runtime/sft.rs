@@ -14,7 +14,7 @@ use super::dist::{add_into, all_reduce_grads, all_reduce_scalars, GradLayout};
 use super::trainer::{LoopCtx, StepReport, TrainStep};
 use super::Result;
 use crate::telemetry::{phase_span, Phase, StepMetrics};
-use crate::training::{sft_step, Encoder, Freeze, SftExample, StepOptions, Trainer};
+use crate::training::{sft_step, Encoder, Freeze, ReducedGrads, SftExample, StepOptions, Trainer};
 
 /// Loss and summed gradients of one global batch.
 #[derive(Debug, Clone)]
@@ -23,7 +23,8 @@ pub struct GlobalGrads {
     pub loss: f64,
     /// Label tokens of the global batch.
     pub tokens: usize,
-    pub grads: TensorMap,
+    /// Summed over ranks: full, or this rank's shard under ZeRO-1 (see `GradLayout`).
+    pub grads: ReducedGrads,
 }
 
 /// This rank's `examples` are its share of the global batch; see the module docs.
@@ -87,7 +88,7 @@ impl TrainStep for SftStep<'_> {
             sft_global_grads(&trainer.model, cx.comm, &self.layout, &examples, cx.settings.micro_batch, cx.settings.freeze)
         })?;
         let t1 = Instant::now();
-        let applied = phase_span(Phase::Optimizer).in_scope(|| trainer.apply(g.grads))?;
+        let applied = phase_span(Phase::Optimizer).in_scope(|| trainer.apply_reduced(cx.comm, g.grads))?;
         let t2 = Instant::now();
         let secs = (t2 - t0).as_secs_f64().max(1e-9);
         let metrics = StepMetrics {

@@ -223,16 +223,22 @@ pub fn run_job(
     let mu = s.grpo.as_ref().map_or(1, |g| g.iterations as u64);
     let schedule = Schedule::new(s.schedule, s.learning_rate, total * mu, Warmup::Steps(s.warmup_steps))
         .map_err(|e| RuntimeError::Config(format!("hyperparameters: {e}")))?;
-    let mut trainer = Trainer::new(
-        model,
-        TrainerConfig {
-            adamw: AdamWConfig { weight_decay: s.weight_decay, ..AdamWConfig::default() },
-            schedule,
-            max_grad_norm: s.max_grad_norm,
-            freeze: s.freeze,
-        },
-    )?;
-    let layout = GradLayout::new(trainer.master(), s.freeze);
+    let tcfg = TrainerConfig {
+        adamw: AdamWConfig { weight_decay: s.weight_decay, ..AdamWConfig::default() },
+        schedule,
+        max_grad_norm: s.max_grad_norm,
+        freeze: s.freeze,
+    };
+    // ZeRO-1 only pays with more than one rank; a world of one keeps the plain optimizer.
+    let mut trainer = if s.zero_stage >= 1 && world > 1 {
+        Trainer::new_zero1(model, tcfg, rank, world)?
+    } else {
+        if s.zero_stage >= 1 {
+            tracing::info!("trainer.zeroStage 1 has nothing to shard with one rank: full optimizer state");
+        }
+        Trainer::new(model, tcfg)?
+    };
+    let layout = GradLayout::for_trainer(&trainer);
     let mut objective: Box<dyn TrainStep + '_> = match &s.grpo {
         None => Box::new(SftStep { data: &splits.data, train_index: &splits.train_index, layout }),
         Some(g) => {
@@ -300,17 +306,13 @@ pub fn run_job(
     let save = |trainer: &Trainer, step: u64, cursor: &BatchCursor| -> Result<Option<std::path::PathBuf>> {
         let p = cursor.position();
         let meta = serde_json::json!({"loop_step": step, "kind": s.kind.as_str(), "eval_before": before});
-        let out = if rank == 0 {
-            Some(trainer.save(&mgr, DataPosition { epoch: p.epoch, index: p.index }, Vec::new(), meta)?)
-        } else {
-            None
-        };
-        // Nobody moves on (or exits) before the checkpoint is on disk.
-        cx.comm.barrier()?;
-        Ok(out)
+        // Rank 0 writes (every rank its optimizer shard under ZeRO-1); nobody moves on (or
+        // exits) before the checkpoint is on disk.
+        Ok(trainer.save_gang(cx.comm, &mgr, DataPosition { epoch: p.epoch, index: p.index }, Vec::new(), meta)?)
     };
 
     let mut last_ckpt: Option<String> = resumed.as_ref().map(|r| r.dir.display().to_string());
+    let first_step = step + 1;
     while step < total {
         // Stop together: a signal seen by any rank stops every rank at the same boundary.
         let mut flag = [if stop.is_set() { 1.0 } else { 0.0 }];
@@ -336,7 +338,13 @@ pub fn run_job(
         let rep = objective.step(&mut cx, &mut trainer, &batch)?;
         step += 1;
         heartbeat.set_step(step);
+        let opt_bytes = trainer.optimizer_state_bytes();
+        if step == first_step {
+            // Every rank, once its state is allocated (unsharded moments appear with the first step).
+            tracing::info!(rank, optimizer_state_bytes = opt_bytes, zero1 = trainer.zero1().is_some(), "optimizer state of this rank");
+        }
         let mut line = rep.metrics.to_json();
+        line["optimizer_state_bytes"] = serde_json::json!(opt_bytes);
         line["step"] = serde_json::json!(step);
         line["epoch"] = serde_json::json!(step as f64 / steps_per_epoch as f64);
         let mut eval_acc = None;

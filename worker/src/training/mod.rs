@@ -16,7 +16,7 @@ pub use step::{
     grpo_step, logprobs_of, model_grads_to_map, sft_step, Freeze, GrpoSample, SftExample, StepOptions, StepOutput,
     StepStats,
 };
-pub use trainer::{export_hf, ApplyStats, Resumed, Trainer, TrainerConfig};
+pub use trainer::{export_hf, ApplyStats, ReducedGrads, Resumed, Trainer, TrainerConfig};
 
 use std::path::PathBuf;
 
@@ -39,6 +39,9 @@ pub enum TrainingError {
     Optim(#[from] onevision_train::OptimError),
     #[error("checkpoint: {0}")]
     Checkpoint(#[from] onevision_train::CheckpointError),
+    /// A collective of the optimizer step (ZeRO-1) failed: another rank died or hung.
+    #[error("collective: {0}")]
+    Comm(#[from] onevision_comms::CommError),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     /// Bad input from the caller (row contents, shapes); the message says what to fix.

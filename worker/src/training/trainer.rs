@@ -1,14 +1,21 @@
 //! Optimizer state around a model: fp32 master weights, AdamW, learning-rate schedule, gradient
 //! clipping, freezing; atomic save/resume through `onevision_train::CheckpointManager`; export of
 //! the trained model in the official Hugging Face layout.
+//!
+//! ZeRO-1 ([`Trainer::new_zero1`]): each data-parallel rank keeps master weights and AdamW moments
+//! for one contiguous shard of the flattened trainable parameters only. A step takes this rank's
+//! shard of the reduce-scattered gradient, clips with the global norm (one all-reduce of the
+//! shards' sums of squares), updates the shard and all-gathers the parameters into the model.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use onevision_comms::Communicator;
 use onevision_model::{Qwen25Vl, Tensor};
 use onevision_train::checkpoint;
 use onevision_train::{
-    clip_grad_norm, AdamW, AdamWConfig, CheckpointError, CheckpointManager, DataPosition, Schedule, TensorMap,
-    TrainingState,
+    clip_coefficient, clip_grad_norm, scale_grads, AdamW, AdamWConfig, CheckpointError, CheckpointManager, DataPosition,
+    FlatLayout, OptimError, OptimizerShard, Schedule, ShardedAdamW, TensorMap, TrainingState,
 };
 use serde::Serialize;
 
@@ -45,12 +52,41 @@ pub struct Resumed {
     pub skipped: Vec<(PathBuf, CheckpointError)>,
 }
 
+/// Gradients after the data-parallel reduction, as [`Trainer::apply_reduced`] takes them.
+#[derive(Debug, Clone)]
+pub enum ReducedGrads {
+    /// Every rank holds the full summed gradients (plain data parallelism).
+    Full(TensorMap),
+    /// ZeRO-1: this rank's shard `layout().shard_range(rank, world)` of the flattened summed
+    /// gradients.
+    Shard(Vec<f32>),
+}
+
+impl ReducedGrads {
+    /// The full gradients, `None` for a ZeRO-1 shard.
+    pub fn full(&self) -> Option<&TensorMap> {
+        match self {
+            ReducedGrads::Full(g) => Some(g),
+            ReducedGrads::Shard(_) => None,
+        }
+    }
+}
+
+/// Where the optimizer state lives.
+enum Optim {
+    /// Full fp32 master copy of every weight and full moments on every rank.
+    Full { master: TensorMap, adamw: AdamW },
+    /// ZeRO-1: master and moments of this rank's shard of `Trainer::layout` only.
+    Zero1 { rank: usize, world: usize, opt: ShardedAdamW },
+}
+
 /// A model under training. The model's own weights are refreshed from the fp32 master copy after
 /// every step, so the forward always sees what the optimizer holds.
 pub struct Trainer {
     pub model: Qwen25Vl,
-    master: TensorMap,
-    opt: AdamW,
+    opt: Optim,
+    /// The trainable parameters flattened in name order (what the ranks reduce gradients over).
+    layout: FlatLayout,
     schedule: Schedule,
     step: u64,
     cfg: TrainerConfig,
@@ -66,11 +102,50 @@ fn to_master(model: &Qwen25Vl) -> Result<TensorMap> {
     Ok(m)
 }
 
+fn trainable_layout(master: &TensorMap, cfg: &TrainerConfig) -> FlatLayout {
+    FlatLayout::new(master.iter().filter(|(n, _)| !cfg.freeze.is_frozen(n)).map(|(n, t)| (n.clone(), t.shape.clone())))
+}
+
 impl Trainer {
     pub fn new(model: Qwen25Vl, cfg: TrainerConfig) -> Result<Self> {
         let master = to_master(&model)?;
-        let opt = AdamW::new(cfg.adamw.clone())?;
-        Ok(Self { model, master, opt, schedule: cfg.schedule, step: 0, cfg })
+        let layout = trainable_layout(&master, &cfg);
+        let adamw = AdamW::new(cfg.adamw.clone())?;
+        Ok(Self { model, opt: Optim::Full { master, adamw }, layout, schedule: cfg.schedule, step: 0, cfg })
+    }
+
+    /// A ZeRO-1 trainer for rank `rank` of `world` data-parallel ranks: it keeps master weights
+    /// and moments for its shard of [`layout`](Self::layout) only and steps with
+    /// [`apply_reduced`](Self::apply_reduced) on a [`ReducedGrads::Shard`].
+    pub fn new_zero1(model: Qwen25Vl, cfg: TrainerConfig, rank: usize, world: usize) -> Result<Self> {
+        let master = to_master(&model)?;
+        let layout = trainable_layout(&master, &cfg);
+        let opt = ShardedAdamW::new(cfg.adamw.clone(), &layout, rank, world, &master, &BTreeMap::new())?;
+        Ok(Self { model, opt: Optim::Zero1 { rank, world, opt }, layout, schedule: cfg.schedule, step: 0, cfg })
+    }
+
+    /// The trainable parameters, flattened in name order.
+    pub fn layout(&self) -> &FlatLayout {
+        &self.layout
+    }
+
+    /// `(rank, world)` of a ZeRO-1 trainer, `None` when the optimizer state is not sharded.
+    pub fn zero1(&self) -> Option<(usize, usize)> {
+        match &self.opt {
+            Optim::Full { .. } => None,
+            Optim::Zero1 { rank, world, .. } => Some((*rank, *world)),
+        }
+    }
+
+    /// Bytes of optimizer state this rank holds: the fp32 master weights and the AdamW moments
+    /// (the moments of an unsharded AdamW appear with the first step).
+    pub fn optimizer_state_bytes(&self) -> usize {
+        match &self.opt {
+            Optim::Full { master, adamw } => {
+                master.values().map(|t| t.data.len() * 4).sum::<usize>() + adamw.state_bytes()
+            }
+            Optim::Zero1 { opt, .. } => opt.state_bytes(),
+        }
     }
 
     /// Optimizer steps completed.
@@ -87,15 +162,24 @@ impl Trainer {
         self.schedule.lr(self.step)
     }
 
-    /// The fp32 master weights (official names).
-    pub fn master(&self) -> &TensorMap {
-        &self.master
+    /// The fp32 master weights (official names); `None` for a ZeRO-1 trainer, which holds only
+    /// its shard (the model's weights are the full parameters there).
+    pub fn master(&self) -> Option<&TensorMap> {
+        match &self.opt {
+            Optim::Full { master, .. } => Some(master),
+            Optim::Zero1 { .. } => None,
+        }
     }
 
     /// One optimizer step with `grads` (summed over micro-batches, already divided by the global
     /// denominator): drop frozen parameters, clip, AdamW at the scheduled learning rate, then copy
     /// the updated master weights into the model.
     pub fn apply(&mut self, mut grads: TensorMap) -> Result<ApplyStats> {
+        let Optim::Full { master, adamw } = &mut self.opt else {
+            return Err(TrainingError::Invalid(
+                "this trainer shards its optimizer state (ZeRO-1): reduce-scatter the gradients and call apply_reduced".into(),
+            ));
+        };
         grads.retain(|n, _| !self.cfg.freeze.is_frozen(n));
         let grad_norm = match self.cfg.max_grad_norm {
             Some(m) => clip_grad_norm(&mut grads, m)?,
@@ -103,31 +187,131 @@ impl Trainer {
             None => clip_grad_norm(&mut grads, f64::INFINITY)?,
         };
         let lr = self.schedule.lr(self.step);
-        self.opt.step(&mut self.master, &grads, lr)?;
+        adamw.step(master, &grads, lr)?;
         for name in grads.keys() {
-            let p = &self.master[name];
+            let p = &master[name];
             self.model.set_weight(name, &Tensor::from_f32(&p.shape, p.data.clone())?)?;
         }
         self.step += 1;
         Ok(ApplyStats { step: self.step, lr, grad_norm })
     }
 
-    /// The full state for a checkpoint.
-    pub fn training_state(&self, data_position: DataPosition, rng: Vec<u8>, metadata: serde_json::Value) -> TrainingState {
-        TrainingState {
+    /// One optimizer step with gradients reduced over the ranks: full gradients go to
+    /// [`apply`](Self::apply); a ZeRO-1 shard is clipped with the global norm, updates this
+    /// rank's shard, and the updated parameters are all-gathered into the model. Every rank of
+    /// the gang must call this at the same step (it runs collectives).
+    pub fn apply_reduced(&mut self, comm: &dyn Communicator, grads: ReducedGrads) -> Result<ApplyStats> {
+        let mut shard = match grads {
+            ReducedGrads::Full(g) => return self.apply(g),
+            ReducedGrads::Shard(s) => s,
+        };
+        let Optim::Zero1 { rank, world, opt } = &mut self.opt else {
+            return Err(TrainingError::Invalid("a ZeRO-1 gradient shard for a trainer without ZeRO-1".into()));
+        };
+        if (comm.rank(), comm.world_size()) != (*rank, *world) {
+            return Err(TrainingError::Invalid(format!(
+                "ZeRO-1 trainer of rank {rank}/{world} driven by a communicator of rank {}/{}",
+                comm.rank(),
+                comm.world_size()
+            )));
+        }
+        // Global norm: the shards partition the gradient, so the squared norms add up. Summed in
+        // f64 per shard, then across ranks in f32 (relative error ~1e-7 on the clip factor).
+        let mut sq = [shard.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>() as f32];
+        comm.all_reduce_sum_f32(&mut sq)?;
+        let grad_norm = (sq[0] as f64).sqrt();
+        if !grad_norm.is_finite() {
+            // Every rank sees the same reduced sum, so all of them stop here together.
+            let name = opt
+                .pieces()
+                .iter()
+                .find(|p| shard[p.local.clone()].iter().any(|x| !x.is_finite()))
+                .map_or_else(|| "a parameter in another rank's shard".to_string(), |p| p.name.clone());
+            return Err(OptimError::NonFinite(name).into());
+        }
+        if let Some(m) = self.cfg.max_grad_norm {
+            scale_grads(&mut shard, clip_coefficient(grad_norm, m));
+        }
+        let lr = self.schedule.lr(self.step);
+        opt.step(&shard, lr)?;
+        let mut mine = opt.master().to_vec();
+        mine.resize(self.layout.shard_len(*world), 0.0);
+        let mut full = vec![0f32; self.layout.len()];
+        comm.all_gather_padded_f32(&mine, &mut full)?;
+        for e in self.layout.entries() {
+            self.model.set_weight(&e.name, &Tensor::from_f32(&e.shape, full[e.range()].to_vec())?)?;
+        }
+        self.step += 1;
+        Ok(ApplyStats { step: self.step, lr, grad_norm })
+    }
+
+    /// The full state for a checkpoint; a ZeRO-1 trainer's has no moments (each rank writes its
+    /// shard, see [`save_gang`](Self::save_gang)) and takes the weights from the model.
+    pub fn training_state(&self, data_position: DataPosition, rng: Vec<u8>, metadata: serde_json::Value) -> Result<TrainingState> {
+        let (weights, optimizer) = match &self.opt {
+            Optim::Full { master, adamw } => (master.clone(), adamw.state.clone()),
+            Optim::Zero1 { .. } => (to_master(&self.model)?, BTreeMap::new()),
+        };
+        Ok(TrainingState {
             step: self.step,
-            weights: self.master.clone(),
-            optimizer: self.opt.state.clone(),
+            weights,
+            optimizer,
             schedule: Some(self.schedule),
             data_position,
             rng,
             metadata,
-        }
+        })
     }
 
-    /// Save atomically (`ckpt-<step>` under the manager's root; older ones pruned).
+    /// Save atomically (`ckpt-<step>` under the manager's root; older ones pruned). Unsharded
+    /// trainers only; a gang uses [`save_gang`](Self::save_gang).
     pub fn save(&self, mgr: &CheckpointManager, data_position: DataPosition, rng: Vec<u8>, metadata: serde_json::Value) -> Result<PathBuf> {
-        Ok(mgr.save(&self.training_state(data_position, rng, metadata))?)
+        if self.zero1().is_some() {
+            return Err(TrainingError::Invalid("a ZeRO-1 trainer saves with save_gang (every rank writes its shard)".into()));
+        }
+        Ok(mgr.save(&self.training_state(data_position, rng, metadata)?)?)
+    }
+
+    /// Gang checkpoint, called by every rank at the same step; returns the directory on rank 0.
+    /// Unsharded: rank 0 writes everything. ZeRO-1: rank 0 opens the temp directory, every rank
+    /// writes its optimizer shard into it, rank 0 adds weights, state and the manifest over all
+    /// files and renames it into place, so the checkpoint is still all-or-nothing. Nobody
+    /// returns before the checkpoint is on disk.
+    pub fn save_gang(
+        &self,
+        comm: &dyn Communicator,
+        mgr: &CheckpointManager,
+        data_position: DataPosition,
+        rng: Vec<u8>,
+        metadata: serde_json::Value,
+    ) -> Result<Option<PathBuf>> {
+        let rank = comm.rank();
+        let out = match &self.opt {
+            Optim::Full { .. } => {
+                if rank == 0 {
+                    Some(self.save(mgr, data_position, rng, metadata)?)
+                } else {
+                    None
+                }
+            }
+            Optim::Zero1 { world, opt, .. } => {
+                if rank == 0 {
+                    mgr.begin_sharded(self.step)?;
+                }
+                comm.barrier()?;
+                let (m, v) = opt.moments();
+                mgr.write_shard(self.step, &OptimizerShard { rank, world_size: *world, pieces: opt.pieces(), m, v })?;
+                comm.barrier()?;
+                if rank == 0 {
+                    let state = self.training_state(data_position, rng, metadata)?;
+                    Some(mgr.commit_sharded(&state, *world)?)
+                } else {
+                    None
+                }
+            }
+        };
+        comm.barrier()?;
+        Ok(out)
     }
 
     /// Restore weights, optimizer moments, schedule and step from a verified state.
@@ -148,8 +332,17 @@ impl Trainer {
         for (name, w) in &state.weights {
             self.model.set_weight(name, &Tensor::from_f32(&w.shape, w.data.clone())?)?;
         }
-        self.master = state.weights;
-        self.opt.state = state.optimizer;
+        // A checkpoint holds (or reassembles from its shards) the full moments, so either kind of
+        // trainer resumes from either kind of checkpoint, under any world size.
+        match &mut self.opt {
+            Optim::Full { master, adamw } => {
+                *master = state.weights;
+                adamw.state = state.optimizer;
+            }
+            Optim::Zero1 { rank, world, opt } => {
+                *opt = ShardedAdamW::new(opt.config().clone(), &self.layout, *rank, *world, &state.weights, &state.optimizer)?;
+            }
+        }
         if let Some(s) = state.schedule {
             self.schedule = s;
         }

@@ -8,8 +8,17 @@
 //! Saving writes everything into a `.tmp-*` directory, fsyncs each file and the directory, renames it
 //! into place and fsyncs the root, so a crash leaves either the old set or the new one, plus at most a
 //! temp directory that readers ignore and the next save deletes. Single writer per root (rank 0).
+//!
+//! ZeRO-1 (sharded optimizer state): instead of `optimizer.safetensors`, every rank writes its own
+//! `optimizer-rank-RRRRR-of-NNNNN.safetensors` (tensors `m`, `v`: the rank's contiguous shard of
+//! the flattened moments; header metadata `pieces`: which parameter elements they are, with their
+//! step counts) into the same temp directory ([`CheckpointManager::begin_sharded`],
+//! [`CheckpointManager::write_shard`]); rank 0 then writes weights and state, a manifest covering
+//! every shard, and renames ([`CheckpointManager::commit_sharded`]), so the whole gang's
+//! checkpoint appears atomically or not at all. [`load`] reassembles the full moments from the
+//! shards, so a sharded checkpoint resumes under any world size, with or without ZeRO-1.
 
-use crate::optim::ParamState;
+use crate::optim::{ParamState, ShardPiece};
 use crate::schedule::Schedule;
 use crate::tensor::{Tensor, TensorMap};
 use safetensors::tensor::{Dtype, SafeTensors, View};
@@ -92,10 +101,27 @@ pub struct TrainingState {
     pub metadata: serde_json::Value,
 }
 
+/// One rank's ZeRO-1 optimizer state (see the module docs), borrowed from the optimizer.
+#[derive(Debug, Clone, Copy)]
+pub struct OptimizerShard<'a> {
+    pub rank: usize,
+    pub world_size: usize,
+    pub pieces: &'a [ShardPiece],
+    pub m: &'a [f32],
+    pub v: &'a [f32],
+}
+
+fn shard_file(rank: usize, world_size: usize) -> String {
+    format!("optimizer-rank-{rank:05}-of-{world_size:05}.safetensors")
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct StateFile {
     format: String,
     step: u64,
+    /// Ranks whose optimizer shards replace `optimizer.safetensors` (ZeRO-1); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    optimizer_shards: Option<usize>,
     optimizer_steps: BTreeMap<String, u64>,
     schedule: Option<Schedule>,
     data_position: DataPosition,
@@ -197,7 +223,7 @@ fn read_verified(dir: &Path) -> Result<(Manifest, BTreeMap<String, Vec<u8>>), Ch
             msg: format!("unknown format {:?}", manifest.format),
         });
     }
-    for required in [WEIGHTS, OPTIMIZER, STATE] {
+    for required in [WEIGHTS, STATE] {
         if !manifest.files.contains_key(required) {
             return Err(CheckpointError::Manifest {
                 path: mpath,
@@ -289,12 +315,37 @@ pub fn load(dir: &Path) -> Result<TrainingState, CheckpointError> {
         });
     }
     let weights = parse_tensors(&dir.join(WEIGHTS), &files[WEIGHTS])?;
-    let opt_path = dir.join(OPTIMIZER);
-    let mut moments = parse_tensors(&opt_path, &files[OPTIMIZER])?;
+    let optimizer = match sf.optimizer_shards {
+        Some(world_size) => assemble_shards(dir, &files, &weights, world_size)?,
+        None => {
+            let bytes = files.get(OPTIMIZER).ok_or_else(|| CheckpointError::Manifest {
+                path: dir.join(MANIFEST),
+                msg: format!("does not list {OPTIMIZER}"),
+            })?;
+            unsharded_optimizer(&dir.join(OPTIMIZER), bytes, sf.optimizer_steps)?
+        }
+    };
+    Ok(TrainingState {
+        step: sf.step,
+        weights,
+        optimizer,
+        schedule: sf.schedule,
+        data_position: sf.data_position,
+        rng: sf.rng,
+        metadata: sf.metadata,
+    })
+}
+
+fn unsharded_optimizer(
+    opt_path: &Path,
+    bytes: &[u8],
+    optimizer_steps: BTreeMap<String, u64>,
+) -> Result<BTreeMap<String, ParamState>, CheckpointError> {
+    let mut moments = parse_tensors(opt_path, bytes)?;
     let mut optimizer = BTreeMap::new();
-    for (name, step) in sf.optimizer_steps {
+    for (name, step) in optimizer_steps {
         let missing = |k: &str| CheckpointError::Safetensors {
-            file: opt_path.clone(),
+            file: opt_path.to_path_buf(),
             msg: format!("missing tensor `{k}/{name}` for a parameter listed in state.json"),
         };
         let m = moments
@@ -305,15 +356,74 @@ pub fn load(dir: &Path) -> Result<TrainingState, CheckpointError> {
             .ok_or_else(|| missing("v"))?;
         optimizer.insert(name, ParamState { step, m, v });
     }
-    Ok(TrainingState {
-        step: sf.step,
-        weights,
-        optimizer,
-        schedule: sf.schedule,
-        data_position: sf.data_position,
-        rng: sf.rng,
-        metadata: sf.metadata,
-    })
+    Ok(optimizer)
+}
+
+/// The full per-parameter moments from the `world_size` shard files of a ZeRO-1 checkpoint.
+/// Every element of a parameter with state must be covered exactly once, with one step count.
+fn assemble_shards(
+    dir: &Path,
+    files: &BTreeMap<String, Vec<u8>>,
+    weights: &TensorMap,
+    world_size: usize,
+) -> Result<BTreeMap<String, ParamState>, CheckpointError> {
+    if world_size == 0 {
+        return Err(CheckpointError::State { file: dir.join(STATE), msg: "optimizer_shards is 0".into() });
+    }
+    let mut optimizer: BTreeMap<String, ParamState> = BTreeMap::new();
+    let mut covered: BTreeMap<String, usize> = BTreeMap::new();
+    for rank in 0..world_size {
+        let name = shard_file(rank, world_size);
+        let file = dir.join(&name);
+        let bad = |msg: String| CheckpointError::Safetensors { file: file.clone(), msg };
+        let bytes = files.get(&name).ok_or_else(|| CheckpointError::Manifest {
+            path: dir.join(MANIFEST),
+            msg: format!("does not list {name}, the optimizer shard of rank {rank} of {world_size}"),
+        })?;
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+        let pieces_json = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("pieces"))
+            .ok_or_else(|| bad("no `pieces` metadata".into()))?;
+        let pieces: Vec<ShardPiece> =
+            serde_json::from_str(pieces_json).map_err(|e| bad(format!("bad `pieces` metadata: {e}")))?;
+        let tensors = parse_tensors(&file, bytes)?;
+        let (m, v) = match (tensors.get("m"), tensors.get("v")) {
+            (Some(m), Some(v)) if m.data.len() == v.data.len() => (m, v),
+            _ => return Err(bad("needs tensors `m` and `v` of equal length".into())),
+        };
+        for p in pieces {
+            let w = weights
+                .get(&p.name)
+                .ok_or_else(|| bad(format!("shard of `{}`, which the checkpoint has no weight for", p.name)))?;
+            let ordered = p.param.start <= p.param.end && p.local.start <= p.local.end;
+            if !ordered || p.param.end > w.data.len() || p.local.end > m.data.len() || p.param.len() != p.local.len() {
+                return Err(bad(format!("piece of `{}` out of range", p.name)));
+            }
+            let st = optimizer.entry(p.name.clone()).or_insert_with(|| ParamState {
+                step: p.step,
+                m: Tensor::zeros(&w.shape),
+                v: Tensor::zeros(&w.shape),
+            });
+            if st.step != p.step {
+                return Err(bad(format!("`{}` has step {} here and {} in another shard", p.name, p.step, st.step)));
+            }
+            st.m.data[p.param.clone()].copy_from_slice(&m.data[p.local.clone()]);
+            st.v.data[p.param.clone()].copy_from_slice(&v.data[p.local.clone()]);
+            *covered.entry(p.name).or_default() += p.param.len();
+        }
+    }
+    for (name, n) in &covered {
+        let want = weights[name].data.len();
+        if *n != want {
+            return Err(CheckpointError::State {
+                file: dir.join(STATE),
+                msg: format!("the {world_size} optimizer shards cover {n} of the {want} elements of `{name}`"),
+            });
+        }
+    }
+    Ok(optimizer)
 }
 
 /// Check a checkpoint's files against its manifest without parsing tensors.
@@ -380,15 +490,84 @@ impl CheckpointManager {
     /// Write `state` atomically as `ckpt-<step>`, replacing one of the same step, then keep only the
     /// newest `keep_last`. Returns the checkpoint directory.
     pub fn save(&self, state: &TrainingState) -> Result<PathBuf, CheckpointError> {
+        let tmp = self.begin(state.step)?;
+        self.write_moments(&tmp, state)?;
+        self.commit(&tmp, state, None)
+    }
+
+    /// Temp directory a checkpoint of `step` is assembled in; a fixed name, so every rank of a
+    /// ZeRO-1 gang finds it.
+    fn staging(&self, step: u64) -> PathBuf {
+        self.root.join(format!("{TMP_PREFIX}{}", dir_name(step)))
+    }
+
+    /// ZeRO-1 save, phase 1 (rank 0 only, before any rank writes its shard): removes leftovers
+    /// of interrupted saves and creates the temp directory of `step`.
+    pub fn begin_sharded(&self, step: u64) -> Result<PathBuf, CheckpointError> {
+        self.begin(step)
+    }
+
+    fn begin(&self, step: u64) -> Result<PathBuf, CheckpointError> {
         self.clean_temp()?;
-        let tmp = self.root.join(format!(
-            "{TMP_PREFIX}{}-{}",
-            dir_name(state.step),
-            std::process::id()
-        ));
+        let tmp = self.staging(step);
         fs::create_dir(&tmp).map_err(io(&tmp))?;
-        self.write_files(&tmp, state)?;
-        sync_dir(&tmp)?;
+        Ok(tmp)
+    }
+
+    /// ZeRO-1 save, phase 2 (every rank, after phase 1): this rank's optimizer shard into the
+    /// temp directory of `step`, fsynced.
+    pub fn write_shard(&self, step: u64, shard: &OptimizerShard<'_>) -> Result<(), CheckpointError> {
+        if shard.rank >= shard.world_size || shard.m.len() != shard.v.len() {
+            return Err(CheckpointError::Invalid(format!(
+                "optimizer shard of rank {} of {} with {} / {} moments",
+                shard.rank,
+                shard.world_size,
+                shard.m.len(),
+                shard.v.len()
+            )));
+        }
+        let tmp = self.staging(step);
+        if !tmp.is_dir() {
+            return Err(CheckpointError::Invalid(format!(
+                "{} does not exist: rank 0 must begin the sharded save first",
+                tmp.display()
+            )));
+        }
+        let path = tmp.join(shard_file(shard.rank, shard.world_size));
+        let pieces = serde_json::to_string(shard.pieces).map_err(|e| CheckpointError::Invalid(e.to_string()))?;
+        let meta = std::collections::HashMap::from([("pieces".to_string(), pieces)]);
+        let m = Tensor { shape: vec![shard.m.len()], data: shard.m.to_vec() };
+        let v = Tensor { shape: vec![shard.v.len()], data: shard.v.to_vec() };
+        let views = [("m".to_string(), F32View(&m)), ("v".to_string(), F32View(&v))];
+        safetensors::tensor::serialize_to_file(views, Some(meta), &path).map_err(|e| {
+            CheckpointError::Safetensors { file: path.clone(), msg: e.to_string() }
+        })?;
+        File::open(&path).and_then(|f| f.sync_all()).map_err(io(&path))
+    }
+
+    /// ZeRO-1 save, phase 3 (rank 0, after every rank finished phase 2): weights and state of
+    /// `state` (whose `optimizer` must be empty: the moments are in the shards), a manifest over
+    /// every file including the `world_size` shards, then the atomic rename and pruning.
+    pub fn commit_sharded(&self, state: &TrainingState, world_size: usize) -> Result<PathBuf, CheckpointError> {
+        if !state.optimizer.is_empty() || world_size == 0 {
+            return Err(CheckpointError::Invalid(
+                "a sharded checkpoint takes its moments from the shard files only".into(),
+            ));
+        }
+        let tmp = self.staging(state.step);
+        for rank in 0..world_size {
+            let f = tmp.join(shard_file(rank, world_size));
+            if !f.is_file() {
+                return Err(CheckpointError::MissingFile { file: f });
+            }
+        }
+        self.commit(&tmp, state, Some(world_size))
+    }
+
+    /// Weights, state and manifest into `tmp` (which already holds the moments), then rename.
+    fn commit(&self, tmp: &Path, state: &TrainingState, shards: Option<usize>) -> Result<PathBuf, CheckpointError> {
+        self.write_files(tmp, state, shards)?;
+        sync_dir(tmp)?;
         let dst = self.root.join(dir_name(state.step));
         if dst.exists() {
             // rename() cannot replace a non-empty directory: move the old one aside first.
@@ -396,11 +575,11 @@ impl CheckpointManager {
                 .root
                 .join(format!("{TMP_PREFIX}replaced-{}", dir_name(state.step)));
             fs::rename(&dst, &old).map_err(io(&dst))?;
-            fs::rename(&tmp, &dst).map_err(io(&tmp))?;
+            fs::rename(tmp, &dst).map_err(io(tmp))?;
             sync_dir(&self.root)?;
             fs::remove_dir_all(&old).map_err(io(&old))?;
         } else {
-            fs::rename(&tmp, &dst).map_err(io(&tmp))?;
+            fs::rename(tmp, &dst).map_err(io(tmp))?;
             sync_dir(&self.root)?;
         }
         let all = self.list()?;
@@ -413,7 +592,8 @@ impl CheckpointManager {
         Ok(dst)
     }
 
-    fn write_files(&self, dir: &Path, state: &TrainingState) -> Result<(), CheckpointError> {
+    /// `optimizer.safetensors` (unsharded moments).
+    fn write_moments(&self, dir: &Path, state: &TrainingState) -> Result<(), CheckpointError> {
         for (name, st) in &state.optimizer {
             if st.m.shape != st.v.shape {
                 return Err(CheckpointError::Invalid(format!(
@@ -421,18 +601,22 @@ impl CheckpointManager {
                 )));
             }
         }
-        let weights: Vec<(String, &Tensor)> =
-            state.weights.iter().map(|(n, t)| (n.clone(), t)).collect();
-        write_tensors(&dir.join(WEIGHTS), &weights)?;
         let moments: Vec<(String, &Tensor)> = state
             .optimizer
             .iter()
             .flat_map(|(n, s)| [(format!("m/{n}"), &s.m), (format!("v/{n}"), &s.v)])
             .collect();
-        write_tensors(&dir.join(OPTIMIZER), &moments)?;
+        write_tensors(&dir.join(OPTIMIZER), &moments)
+    }
+
+    fn write_files(&self, dir: &Path, state: &TrainingState, shards: Option<usize>) -> Result<(), CheckpointError> {
+        let weights: Vec<(String, &Tensor)> =
+            state.weights.iter().map(|(n, t)| (n.clone(), t)).collect();
+        write_tensors(&dir.join(WEIGHTS), &weights)?;
         let sf = StateFile {
             format: FORMAT.into(),
             step: state.step,
+            optimizer_shards: shards,
             optimizer_steps: state
                 .optimizer
                 .iter()
@@ -448,8 +632,12 @@ impl CheckpointManager {
             msg: e.to_string(),
         })?;
         write_synced(&dir.join(STATE), &state_bytes)?;
+        let moment_files: Vec<String> = match shards {
+            Some(n) => (0..n).map(|r| shard_file(r, n)).collect(),
+            None => vec![OPTIMIZER.to_string()],
+        };
         let mut files = BTreeMap::new();
-        for name in [WEIGHTS, OPTIMIZER, STATE] {
+        for name in [WEIGHTS, STATE].into_iter().chain(moment_files.iter().map(String::as_str)) {
             let p = dir.join(name);
             let bytes = fs::read(&p).map_err(io(&p))?;
             files.insert(

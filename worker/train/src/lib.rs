@@ -12,7 +12,8 @@ pub mod sft;
 pub mod tensor;
 
 pub use checkpoint::{
-    CheckpointError, CheckpointManager, DataPosition, LatestValid, Manifest, TrainingState,
+    CheckpointError, CheckpointManager, DataPosition, LatestValid, Manifest, OptimizerShard,
+    TrainingState,
 };
 pub use grpo::{
     group_advantages, grpo_loss, Advantages, Aggregation, GrpoBatch, GrpoConfig, GrpoError,
@@ -20,8 +21,9 @@ pub use grpo::{
 };
 pub use logprob::{token_logprobs, token_logprobs_backward, LogprobError};
 pub use optim::{
-    adamw_update, clip_grad_norm, AdamW, AdamWConfig, AdamWHyper, GradAccumulator, GroupSpec,
-    OptimError, ParamState,
+    adamw_update, clip_coefficient, clip_grad_norm, scale_grads, AdamW, AdamWConfig, AdamWHyper,
+    FlatEntry, FlatLayout, GradAccumulator, GroupSpec, OptimError, ParamState, Piece, ShardPiece,
+    ShardedAdamW,
 };
 pub use schedule::{Schedule, ScheduleError, ScheduleKind, Warmup};
 pub use sft::{

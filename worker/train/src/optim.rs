@@ -1,11 +1,13 @@
 //! AdamW with fp32 master weights and moments, parameter groups by name pattern, global grad-norm
-//! clipping and gradient accumulation.
+//! clipping and gradient accumulation; [`ShardedAdamW`] is the ZeRO-1 variant that keeps master
+//! weights and moments for one contiguous shard of a [`FlatLayout`] only.
 
 use crate::tensor::{Tensor, TensorMap};
 use crate::Real;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OptimError {
@@ -31,6 +33,8 @@ pub enum OptimError {
     Config(String),
     #[error("no micro-batch gradients were accumulated")]
     EmptyAccumulation,
+    #[error("ZeRO-1 shard: {0}")]
+    Shard(String),
 }
 
 /// A parameter group: parameters whose name matches any pattern (regex, searched anywhere in the
@@ -244,6 +248,254 @@ impl AdamW {
     }
 }
 
+impl AdamW {
+    /// Bytes of the moments held (m and v, f32).
+    pub fn state_bytes(&self) -> usize {
+        self.state.values().map(|s| (s.m.data.len() + s.v.data.len()) * 4).sum()
+    }
+}
+
+/// A fixed flattening of named parameters into one vector: each parameter's row-major data at
+/// its offset, in the order given. Data-parallel ranks that build it from the same names agree on
+/// every offset, which is what lets ZeRO-1 split the vector into contiguous per-rank shards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlatLayout {
+    entries: Vec<FlatEntry>,
+    total: usize,
+}
+
+/// One parameter in a [`FlatLayout`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlatEntry {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// Index of its first element in the flat vector.
+    pub offset: usize,
+}
+
+impl FlatEntry {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// Its elements in the flat vector.
+    pub fn range(&self) -> Range<usize> {
+        self.offset..self.offset + self.numel()
+    }
+}
+
+/// The part of one parameter inside a flat range (see [`FlatLayout::pieces`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece<'a> {
+    pub entry: &'a FlatEntry,
+    /// Elements within the parameter's own data.
+    pub param: Range<usize>,
+    /// The same elements relative to the start of the range asked for.
+    pub local: Range<usize>,
+}
+
+impl FlatLayout {
+    pub fn new(params: impl IntoIterator<Item = (String, Vec<usize>)>) -> Self {
+        let mut total = 0;
+        let entries = params
+            .into_iter()
+            .map(|(name, shape)| {
+                let e = FlatEntry { name, shape, offset: total };
+                total += e.numel();
+                e
+            })
+            .collect();
+        Self { entries, total }
+    }
+
+    pub fn entries(&self) -> &[FlatEntry] {
+        &self.entries
+    }
+
+    /// Elements in the flat vector.
+    pub fn len(&self) -> usize {
+        self.total
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// Elements per rank when the vector is split over `world_size` ranks; the shards of the
+    /// last ranks are padded (the padded reduce-scatter / all-gather of `onevision_comms`).
+    pub fn shard_len(&self, world_size: usize) -> usize {
+        self.total.div_ceil(world_size.max(1))
+    }
+
+    /// The elements rank `rank` owns: `[rank·k, (rank+1)·k)` with `k = shard_len`, cut at the end
+    /// of the vector (empty for a rank that only holds padding).
+    pub fn shard_range(&self, rank: usize, world_size: usize) -> Range<usize> {
+        let k = self.shard_len(world_size);
+        let start = (rank * k).min(self.total);
+        start..((rank + 1) * k).min(self.total)
+    }
+
+    /// The parameters (or parts of them) inside `range`, in order.
+    pub fn pieces(&self, range: Range<usize>) -> Vec<Piece<'_>> {
+        self.entries
+            .iter()
+            .filter_map(|e| {
+                let r = e.range();
+                let (a, b) = (r.start.max(range.start), r.end.min(range.end));
+                (a < b).then(|| Piece {
+                    entry: e,
+                    param: a - r.start..b - r.start,
+                    local: a - range.start..b - range.start,
+                })
+            })
+            .collect()
+    }
+}
+
+/// One parameter's part of a ZeRO-1 shard, with its optimizer step count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardPiece {
+    pub name: String,
+    /// Elements within the parameter's own (row-major) data.
+    pub param: Range<usize>,
+    /// The same elements within the shard.
+    pub local: Range<usize>,
+    /// Optimizer steps this parameter has taken (torch's per-parameter `step`).
+    pub step: u64,
+}
+
+/// ZeRO-1 AdamW: fp32 master weights and moments for one contiguous shard of a [`FlatLayout`]
+/// (the shard `layout.shard_range(rank, world_size)`), updated with exactly [`AdamW`]'s
+/// arithmetic and parameter groups, element for element. Memory: `3 · 4 · shard` bytes instead
+/// of `3 · 4 · all` (master, m, v).
+#[derive(Debug)]
+pub struct ShardedAdamW {
+    /// Config and group patterns; its own `state` stays empty.
+    rules: AdamW,
+    range: Range<usize>,
+    pieces: Vec<ShardPiece>,
+    master: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl ShardedAdamW {
+    /// Rank `rank`'s shard: master weights sliced from `params`, moments and step counts from
+    /// `state` (full, unsharded moments as an [`AdamW`] or a loaded checkpoint holds them);
+    /// parameters without state start from zero moments at step 0, as [`AdamW`] does lazily.
+    pub fn new(
+        config: AdamWConfig,
+        layout: &FlatLayout,
+        rank: usize,
+        world_size: usize,
+        params: &TensorMap,
+        state: &BTreeMap<String, ParamState>,
+    ) -> Result<Self, OptimError> {
+        if world_size == 0 || rank >= world_size {
+            return Err(OptimError::Shard(format!("rank {rank} is not in a world of {world_size}")));
+        }
+        let rules = AdamW::new(config)?;
+        let range = layout.shard_range(rank, world_size);
+        let n = range.len();
+        let (mut master, mut m, mut v) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        let mut pieces = Vec::new();
+        for piece in layout.pieces(range.clone()) {
+            let e = piece.entry;
+            let p = params.get(&e.name).ok_or_else(|| {
+                OptimError::Shard(format!("no weights for parameter `{}` of the layout", e.name))
+            })?;
+            if p.shape != e.shape {
+                return Err(OptimError::Shape { name: e.name.clone(), param: e.shape.clone(), other: p.shape.clone() });
+            }
+            master[piece.local.clone()].copy_from_slice(&p.data[piece.param.clone()]);
+            let step = match state.get(&e.name) {
+                Some(st) => {
+                    if st.m.shape != e.shape || st.v.shape != e.shape {
+                        return Err(OptimError::Shape { name: e.name.clone(), param: e.shape.clone(), other: st.m.shape.clone() });
+                    }
+                    m[piece.local.clone()].copy_from_slice(&st.m.data[piece.param.clone()]);
+                    v[piece.local.clone()].copy_from_slice(&st.v.data[piece.param.clone()]);
+                    st.step
+                }
+                None => 0,
+            };
+            pieces.push(ShardPiece { name: e.name.clone(), param: piece.param, local: piece.local, step });
+        }
+        Ok(Self { rules, range, pieces, master, m, v })
+    }
+
+    /// The flat elements this shard owns.
+    pub fn range(&self) -> Range<usize> {
+        self.range.clone()
+    }
+
+    pub fn pieces(&self) -> &[ShardPiece] {
+        &self.pieces
+    }
+
+    /// The fp32 master weights of the shard (what the all-gather distributes).
+    pub fn master(&self) -> &[f32] {
+        &self.master
+    }
+
+    /// First and second moments of the shard.
+    pub fn moments(&self) -> (&[f32], &[f32]) {
+        (&self.m, &self.v)
+    }
+
+    pub fn config(&self) -> &AdamWConfig {
+        &self.rules.config
+    }
+
+    /// Bytes held: master weights and both moments of the shard (f32).
+    pub fn state_bytes(&self) -> usize {
+        (self.master.len() + self.m.len() + self.v.len()) * 4
+    }
+
+    /// One AdamW step of the shard with `grad`, this rank's shard of the flattened (reduced,
+    /// clipped) gradient. A non-finite gradient leaves everything unchanged.
+    pub fn step(&mut self, grad: &[f32], lr: f64) -> Result<(), OptimError> {
+        if grad.len() != self.range.len() {
+            return Err(OptimError::Shard(format!(
+                "gradient shard of {} elements for a shard of {}",
+                grad.len(),
+                self.range.len()
+            )));
+        }
+        for p in &self.pieces {
+            if grad[p.local.clone()].iter().any(|x| !x.is_finite()) {
+                return Err(OptimError::NonFinite(p.name.clone()));
+            }
+        }
+        for p in &mut self.pieces {
+            let (_, wd, scale) = self.rules.group_of(&p.name);
+            let h = AdamWHyper {
+                lr: lr * scale,
+                beta1: self.rules.config.beta1,
+                beta2: self.rules.config.beta2,
+                eps: self.rules.config.eps,
+                weight_decay: wd,
+            };
+            p.step += 1;
+            let r = p.local.clone();
+            adamw_update(&mut self.master[r.clone()], &grad[r.clone()], &mut self.m[r.clone()], &mut self.v[r], p.step, &h);
+        }
+        Ok(())
+    }
+}
+
+/// Scale factor `torch.nn.utils.clip_grad_norm_` applies for a global gradient norm.
+pub fn clip_coefficient(norm: f64, max_norm: f64) -> f64 {
+    (max_norm / (norm + 1e-6)).min(1.0)
+}
+
+/// Multiplies gradients by a clip coefficient < 1 (f64 product, stored as f32, as
+/// [`clip_grad_norm`] does); 1 leaves them untouched.
+pub fn scale_grads(data: &mut [f32], coef: f64) {
+    if coef < 1.0 {
+        data.iter_mut().for_each(|x| *x = (*x as f64 * coef) as f32);
+    }
+}
+
 /// Global L2 norm of all gradients (f64 accumulation), then scale them by
 /// `min(1, max_norm / (norm + 1e-6))` as `torch.nn.utils.clip_grad_norm_` does. Returns the norm
 /// before clipping. A non-finite norm is an error naming the first non-finite tensor.
@@ -257,13 +509,9 @@ pub fn clip_grad_norm(grads: &mut TensorMap, max_norm: f64) -> Result<f64, Optim
         sq += s;
     }
     let norm = sq.sqrt();
-    let coef = (max_norm / (norm + 1e-6)).min(1.0);
-    if coef < 1.0 {
-        for g in grads.values_mut() {
-            g.data
-                .iter_mut()
-                .for_each(|x| *x = (*x as f64 * coef) as f32);
-        }
+    let coef = clip_coefficient(norm, max_norm);
+    for g in grads.values_mut() {
+        scale_grads(&mut g.data, coef);
     }
     Ok(norm)
 }
