@@ -258,6 +258,51 @@ async fn server_completions_equal_generate_group() {
     assert!(matches!(e, onevision::rollout::RolloutError::Rejected { code: Code::InvalidArgument, .. }), "{e}");
 }
 
+/// Continuous batching: groups sent together decode in the same steps (the worker reports more
+/// active sequences than one group has, never more than its capacity), and each still equals
+/// the group generated alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn groups_decode_together_up_to_the_capacity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = write_model(tmp.path(), 8);
+    let w = Worker::spawn(&model_dir, None, "w-batch", &["--capacity", "12"]);
+    let model = load(&model_dir);
+    let pool = RolloutPool::new(WorkerSource::Static(vec![w.addr.clone()]), test_pool_config());
+    // Greedy with an eos id the model never produces first: every row runs its whole budget,
+    // long enough for the poller below to see the batch.
+    let s = Sampling { temperature: 0.0, top_p: 1.0, top_k: 0, max_new_tokens: 300, stop_token_ids: vec![127] };
+    let groups: Vec<GroupRequest> = (0..5)
+        .map(|i| GroupRequest { prompt_token_ids: text_prompt(i), images: vec![], group_size: 4, seed: i as u64 })
+        .collect();
+    let mut c = w.client().await;
+    let poll = tokio::spawn(async move {
+        let mut peak = 0;
+        for _ in 0..5000 {
+            let info = c.info(v1::InfoRequest {}).await.unwrap().into_inner();
+            peak = peak.max(info.active_sequences);
+            if peak > 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        peak
+    });
+    let results = pool.generate(groups.clone(), &s).await.unwrap();
+    let peak = poll.await.unwrap();
+    assert!(peak > 4 && peak <= 12, "active sequences peaked at {peak}: groups were not batched up to the capacity");
+    for (g, r) in groups.iter().zip(&results) {
+        let want = generate_group(&model, &PromptInput { input_ids: g.prompt_token_ids.clone(), ..Default::default() }, 4, &SamplingParams {
+            max_new_tokens: 300,
+            eos_token_ids: Some(vec![127]),
+            ..Default::default()
+        })
+        .unwrap();
+        for (c, w) in r.completions.iter().zip(&want) {
+            assert_eq!(c.token_ids, w.token_ids);
+        }
+    }
+}
+
 fn perturbed(seed: u64) -> Vec<OutgoingTensor> {
     tensors_from_f32(random_weights(seed))
 }

@@ -1,8 +1,9 @@
 //! Rollout workers and the trainer's rollout pool (docs/rollout.md).
 //!
-//! **Worker side** (`onevision rollout`): an [`Engine`] holds the policy model and generates a
-//! prompt group with one image encoding and one prefill, decoding the G samples as one batch over
-//! a replicated KV cache (`onevision_model::generate_group`). [`serve_rollout`] exposes it as the
+//! **Worker side** (`onevision rollout`): an [`Engine`] holds the policy model; prompt groups are
+//! decoded together with continuous batching (`onevision_model::generate::BatchDecoder`): one
+//! image encoding and one prefill per group, its G samples sharing the prompt's KV entries, up
+//! to the worker's capacity in sequences per decode step. [`serve_rollout`] exposes it as the
 //! `onevision.v1.Rollout` gRPC service (plus `grpc.health.v1`): `Generate` streams groups in and
 //! completions out, `UpdateWeights` applies chunked, named, versioned tensors atomically at the
 //! commit, `Info` reports version and capacity.
