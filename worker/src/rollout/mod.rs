@@ -31,6 +31,6 @@ pub use engine::{expand_image_pads, Engine, EngineConfig, GroupOutput, PreparedG
 pub use error::{RolloutError, WorkerError};
 pub use pool::{
     tensors_from_f32, tensors_from_model, Completion, GroupRequest, GroupResult, ImageInput, PoolConfig, RolloutPool,
-    Sampling, SyncStats, WorkerSource, WorkerStatus,
+    Sampling, SyncStats, WorkerSource, WorkerStatus, weights_version,
 };
 pub use server::{serve_rollout, RolloutServerHandle, RolloutService, ServerConfig};
