@@ -234,6 +234,9 @@ pub struct FinishedGroup {
     pub generations: Vec<Generation>,
 }
 
+/// A drawn token, its log-prob, and the row's logits when the first step's are kept.
+type Pick = (u32, f32, Option<Vec<f32>>);
+
 /// One sequence (sample) in the decode batch.
 struct Seq {
     /// Slot in `BatchDecoder::groups`.
@@ -383,7 +386,7 @@ impl<'m> BatchDecoder<'m> {
     pub fn step(&mut self) -> Result<Vec<FinishedGroup>> {
         let vocab = self.model.config.text.vocab_size;
         let groups = &self.groups;
-        let picks: Vec<Option<(u32, f32, Option<Vec<f32>>)>> = {
+        let picks: Vec<Option<Pick>> = {
             use rayon::prelude::*;
             let work = |(s, row): (&mut Seq, &[f32])| {
                 if s.done {
