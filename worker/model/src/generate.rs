@@ -129,7 +129,7 @@ pub fn choose_token(logits: &[f32], history: &[u32], p: &SamplingParams, rng: &m
 
 /// The next token and its log-probability under the raw logits (temperature 1, no penalty or
 /// filtering). Without top-k/top-p/penalty this works on the logits in place: no vocabulary-sized
-/// copy or sort; sampling walks the vocabulary in id order (what torch.multinomial does), one
+/// copy or sort; sampling walks the vocabulary in id order (inverse CDF over the ids), one
 /// exp per id for the normaliser and at most one more per id for the draw. Greedy picks the first
 /// maximum, like [`choose_token`]; with filters or a penalty it defers to [`choose_token`].
 pub fn sample_token(logits: &[f32], history: &[u32], p: &SamplingParams, rng: &mut ChaCha8Rng) -> (u32, f32) {
