@@ -1,30 +1,36 @@
 //! Rollout throughput benchmark (ignored by default; docs/performance.md "Rollout generation
 //! (CPU)"): a small random Qwen2.5-VL is written to `$ROLLOUT_BENCH_DIR` (default
-//! /tmp/rollout-bench), then a real `onevision rollout` process generates GROUPS prompt groups of
-//! G samples through the `RolloutPool`, and the weights are synced to it. Prints tokens/s and
-//! the sync time; `worker/tests/rollout_bench_hf.py` runs transformers `generate` on the same
-//! checkpoint and batch.
+//! /tmp/rollout-bench), then a real `onevision rollout` process generates `$ROLLOUT_BENCH_GROUPS` prompt groups of
+//! G samples through the `RolloutPool`, `$ROLLOUT_BENCH_BATCH_GROUPS` groups (default 4) per
+//! decode batch (the worker's capacity is that many groups' sequences), and the weights are
+//! synced to it. Prints tokens/s and the sync time; `worker/tests/rollout_bench_hf.py` runs
+//! transformers `generate` on the same checkpoint with the same batches, and
+//! `benches/rollout_vs_hf.py` interleaves the two.
 //!
 //! ```text
-//! CARGO_PROFILE_DEV_OPT_LEVEL=3 cargo test -p onevision-worker --test rollout_bench -- --ignored --nocapture
+//! cargo test --release -p onevision-worker --test rollout_bench -- --ignored --nocapture
 //! ```
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use onevision::rollout::{tensors_from_f32, GroupRequest, PoolConfig, RolloutPool, Sampling, WorkerSource};
 use onevision_model::Tensor;
 use rand::{Rng, SeedableRng};
 
-const GROUPS: usize = 4;
 const G: u32 = 8;
 const PROMPT: usize = 64;
 const NEW_TOKENS: u32 = 128;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Prompt groups per measured run (`$ROLLOUT_BENCH_GROUPS`, default 8).
+fn group_count() -> usize {
+    env_usize("ROLLOUT_BENCH_GROUPS", 8).max(1)
 }
 
 /// HF-loadable config: text hidden 256, 4 layers, 8 heads / 2 kv heads, vocab 2048.
@@ -59,7 +65,7 @@ fn weights(seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         .collect()
 }
 
-fn write_model(dir: &Path) -> PathBuf {
+fn write_model(dir: &Path, batch_groups: usize) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("config.json"), config_json()).unwrap();
     let tensors: Vec<(String, Tensor)> =
@@ -67,7 +73,7 @@ fn write_model(dir: &Path) -> PathBuf {
     let refs: Vec<(String, &Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t)).collect();
     onevision_model::save_safetensors(dir.join("model.safetensors"), &refs).unwrap();
     // The prompts both benchmarks use.
-    let prompts: Vec<Vec<u32>> = (0..GROUPS)
+    let prompts: Vec<Vec<u32>> = (0..group_count())
         .map(|i| {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(i as u64);
             (0..PROMPT).map(|_| rng.random_range(0u32..2040)).collect()
@@ -75,7 +81,7 @@ fn write_model(dir: &Path) -> PathBuf {
         .collect();
     std::fs::write(
         dir.join("bench.json"),
-        serde_json::json!({"prompts": prompts, "group_size": G, "max_new_tokens": NEW_TOKENS, "eos": 2041}).to_string(),
+        serde_json::json!({"prompts": prompts, "group_size": G, "max_new_tokens": NEW_TOKENS, "eos": 2041, "batch_groups": batch_groups}).to_string(),
     )
     .unwrap();
     dir.to_path_buf()
@@ -85,12 +91,14 @@ fn write_model(dir: &Path) -> PathBuf {
 #[ignore = "benchmark: run with --ignored --nocapture (docs/performance.md)"]
 async fn rollout_generation_throughput_and_weight_sync() {
     let dir = PathBuf::from(std::env::var("ROLLOUT_BENCH_DIR").unwrap_or_else(|_| "/tmp/rollout-bench".into()));
-    let model = write_model(&dir);
+    let batch_groups = env_usize("ROLLOUT_BENCH_BATCH_GROUPS", 4).clamp(1, group_count());
+    let model = write_model(&dir, batch_groups);
+    let capacity = (batch_groups as u32 * G).to_string();
     let mut child = Command::new(env!("CARGO_BIN_EXE_onevision"))
         .arg("rollout")
         .arg("--model")
         .arg(&model)
-        .args(["--listen", "127.0.0.1:0", "--worker-id", "bench", "--capacity", &G.to_string()])
+        .args(["--listen", "127.0.0.1:0", "--worker-id", "bench", "--capacity", &capacity])
         .env_remove("ONEVISION_JOB_SPEC")
         .env_remove("ONEVISION_COORDINATOR")
         .env("RUST_LOG", "warn")
@@ -133,7 +141,9 @@ async fn rollout_generation_throughput_and_weight_sync() {
         println!("rollout: {tokens} tokens in {secs:.3} s = {:.1} tokens/s", tokens as f64 / secs);
     }
     println!(
-        "RESULT onevision rollout worker: groups={GROUPS} G={G} prompt={PROMPT} new={NEW_TOKENS}: {tokens} tokens, best {best:.3} s, {:.1} tokens/s",
+        "RESULT onevision rollout worker: groups={} G={G} batch={} sequences prompt={PROMPT} new={NEW_TOKENS}: {tokens} tokens, best {best:.3} s, {:.1} tokens/s",
+        group_count(),
+        batch_groups * G as usize,
         tokens as f64 / best
     );
 
@@ -153,5 +163,4 @@ async fn rollout_generation_throughput_and_weight_sync() {
     );
     let _ = child.kill();
     let _ = child.wait();
-    let _ = Duration::ZERO;
 }

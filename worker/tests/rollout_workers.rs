@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use onevision::rollout::{
-    tensors_from_f32, GroupRequest, ImageInput, PoolConfig, RolloutPool, Sampling, WorkerSource,
+    tensors_from_f32, weights_version, GroupRequest, ImageInput, PoolConfig, RolloutPool, Sampling, WorkerSource,
 };
 use onevision_comms::coordinator::{serve_coordinator, CoordinatorConfig, CoordinatorServerHandle};
 use onevision_comms::weights::{weight_update_messages, OutgoingTensor};
@@ -258,6 +258,51 @@ async fn server_completions_equal_generate_group() {
     assert!(matches!(e, onevision::rollout::RolloutError::Rejected { code: Code::InvalidArgument, .. }), "{e}");
 }
 
+/// Continuous batching: groups sent together decode in the same steps (the worker reports more
+/// active sequences than one group has, never more than its capacity), and each still equals
+/// the group generated alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn groups_decode_together_up_to_the_capacity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = write_model(tmp.path(), 8);
+    let w = Worker::spawn(&model_dir, None, "w-batch", &["--capacity", "12"]);
+    let model = load(&model_dir);
+    let pool = RolloutPool::new(WorkerSource::Static(vec![w.addr.clone()]), test_pool_config());
+    // Greedy with an eos id the model never produces first: every row runs its whole budget,
+    // long enough for the poller below to see the batch.
+    let s = Sampling { temperature: 0.0, top_p: 1.0, top_k: 0, max_new_tokens: 300, stop_token_ids: vec![127] };
+    let groups: Vec<GroupRequest> = (0..5)
+        .map(|i| GroupRequest { prompt_token_ids: text_prompt(i), images: vec![], group_size: 4, seed: i as u64 })
+        .collect();
+    let mut c = w.client().await;
+    let poll = tokio::spawn(async move {
+        let mut peak = 0;
+        for _ in 0..5000 {
+            let info = c.info(v1::InfoRequest {}).await.unwrap().into_inner();
+            peak = peak.max(info.active_sequences);
+            if peak > 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        peak
+    });
+    let results = pool.generate(groups.clone(), &s).await.unwrap();
+    let peak = poll.await.unwrap();
+    assert!(peak > 4 && peak <= 12, "active sequences peaked at {peak}: groups were not batched up to the capacity");
+    for (g, r) in groups.iter().zip(&results) {
+        let want = generate_group(&model, &PromptInput { input_ids: g.prompt_token_ids.clone(), ..Default::default() }, 4, &SamplingParams {
+            max_new_tokens: 300,
+            eos_token_ids: Some(vec![127]),
+            ..Default::default()
+        })
+        .unwrap();
+        for (c, w) in r.completions.iter().zip(&want) {
+            assert_eq!(c.token_ids, w.token_ids);
+        }
+    }
+}
+
 fn perturbed(seed: u64) -> Vec<OutgoingTensor> {
     tensors_from_f32(random_weights(seed))
 }
@@ -434,6 +479,50 @@ async fn killed_worker_groups_finish_on_the_other_and_new_worker_gets_weights() 
     let ws = pool.workers().await.unwrap();
     assert!(ws.iter().any(|w| w.worker_id == "w-c" && w.model_version == 1), "{ws:?}");
     drop(b);
+}
+
+/// Rollout workers outlive trainer gangs. A gang that restarts from an earlier checkpoint
+/// (generation 1, step 3) after its predecessor pushed step 5 must still replace the worker's
+/// weights: `weights_version` puts the generation above any step. A trainer that reuses plain
+/// step numbers below the worker's version never gets completions from the foreign weights.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn weights_versions_stay_monotonic_across_gang_restarts() {
+    assert!(weights_version(1, 0) > weights_version(0, u64::MAX));
+    assert!(weights_version(2, 3) > weights_version(1, 7) && weights_version(1, 4) > weights_version(1, 3));
+    assert_eq!(weights_version(0, 5), 5);
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = write_model(tmp.path(), 7);
+    let w = Worker::spawn(&model_dir, None, "w-gen", &[]);
+    let pool = || RolloutPool::new(WorkerSource::Static(vec![w.addr.clone()]), test_pool_config());
+    // Gang generation 0 got to step 5 (weights seed 5), then died.
+    let st = pool().sync_weights(weights_version(0, 5), perturbed(5)).await.unwrap();
+    assert_eq!(st.workers_updated, 1, "{st:?}");
+    // Generation 1 resumes from the step-3 checkpoint (weights seed 3) with a fresh pool.
+    let resumed = pool();
+    let st = resumed.sync_weights(weights_version(1, 3), perturbed(3)).await.unwrap();
+    assert_eq!((st.workers_updated, st.workers_failed.len()), (1, 0), "{st:?}");
+    let s = sampling(10);
+    let group = GroupRequest { prompt_token_ids: text_prompt(2), images: vec![], group_size: 2, seed: 4 };
+    let r = resumed.generate(vec![group.clone()], &s).await.unwrap();
+    let mut model = load(&model_dir);
+    for (n, sh, v) in random_weights(3) {
+        model.set_weight(&n, &Tensor::from_f32(&sh, v).unwrap()).unwrap();
+    }
+    let want = generate_group(&model, &PromptInput { input_ids: group.prompt_token_ids.clone(), ..Default::default() }, 2, &model_params(&s, 4)).unwrap();
+    for (c, w) in r[0].completions.iter().zip(&want) {
+        assert_eq!(c.model_version, weights_version(1, 3));
+        assert_eq!(c.token_ids, w.token_ids, "the worker must serve the resumed gang's weights");
+    }
+    // Plain step 4 < the served version: refused, and the worker is not used with its weights.
+    let reuse = RolloutPool::new(
+        WorkerSource::Static(vec![w.addr.clone()]),
+        PoolConfig { deadline: Duration::from_secs(2), ..test_pool_config() },
+    );
+    let st = reuse.sync_weights(4, perturbed(4)).await.unwrap();
+    assert_eq!(st.workers_updated, 0, "{st:?}");
+    assert!(st.workers_failed[0].1.contains("another trainer run"), "{st:?}");
+    let e = reuse.generate(vec![group], &s).await.unwrap_err();
+    assert!(e.to_string().contains("another trainer run"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,9 @@
 //! Rollout workers and the trainer's rollout pool (docs/rollout.md).
 //!
-//! **Worker side** (`onevision rollout`): an [`Engine`] holds the policy model and generates a
-//! prompt group with one image encoding and one prefill, decoding the G samples as one batch over
-//! a replicated KV cache (`onevision_model::generate_group`). [`serve_rollout`] exposes it as the
+//! **Worker side** (`onevision rollout`): an [`Engine`] holds the policy model; prompt groups are
+//! decoded together with continuous batching (`onevision_model::generate::BatchDecoder`): one
+//! image encoding and one prefill per group, its G samples sharing the prompt's KV entries, up
+//! to the worker's capacity in sequences per decode step. [`serve_rollout`] exposes it as the
 //! `onevision.v1.Rollout` gRPC service (plus `grpc.health.v1`): `Generate` streams groups in and
 //! completions out, `UpdateWeights` applies chunked, named, versioned tensors atomically at the
 //! commit, `Info` reports version and capacity.
@@ -30,6 +31,6 @@ pub use engine::{expand_image_pads, Engine, EngineConfig, GroupOutput, PreparedG
 pub use error::{RolloutError, WorkerError};
 pub use pool::{
     tensors_from_f32, tensors_from_model, Completion, GroupRequest, GroupResult, ImageInput, PoolConfig, RolloutPool,
-    Sampling, SyncStats, WorkerSource, WorkerStatus,
+    Sampling, SyncStats, WorkerSource, WorkerStatus, weights_version,
 };
 pub use server::{serve_rollout, RolloutServerHandle, RolloutService, ServerConfig};

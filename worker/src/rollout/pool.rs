@@ -267,6 +267,16 @@ pub fn tensors_from_f32(named: impl IntoIterator<Item = (String, Vec<usize>, Vec
         .collect()
 }
 
+/// The weights version of optimizer step `step` in gang generation `generation` (the
+/// operator's restart count, `ONEVISION_RESTART_COUNT`): the generation in the high 32 bits, the
+/// step in the low 32 bits. Rollout workers outlive trainer gangs and refuse versions not above
+/// the one they serve, so a gang that restarts from an earlier checkpoint must still publish
+/// higher versions than its predecessor: (g+1, s) > (g, anything) for any earlier step s.
+/// Generation 0 keeps plain step numbers.
+pub fn weights_version(generation: u64, step: u64) -> u64 {
+    (generation.min(u32::MAX as u64) << 32) | step.min(u32::MAX as u64)
+}
+
 struct Published {
     version: u64,
     tensors: Arc<Vec<OutgoingTensor>>,
@@ -612,6 +622,9 @@ impl Inner {
         let published = lock(&self.published).clone();
         let mut s = h.sync.lock().await;
         if let Some(p) = published {
+            if s.version > p.version {
+                return Err(foreign_weights(s.version, p.version));
+            }
             let need = if for_work && !s.served { p.version } else { min_version.min(p.version) };
             if s.version < need {
                 let mut c = h.client.clone();
@@ -637,6 +650,9 @@ impl Inner {
                         if info.model_version < need {
                             return Err(format!("worker refused version {}: {}", p.version, st.message()));
                         }
+                        if info.model_version > p.version {
+                            return Err(foreign_weights(info.model_version, p.version));
+                        }
                         s2.served |= for_work;
                         return Ok(s2.capacity.unwrap_or(1));
                     }
@@ -647,6 +663,20 @@ impl Inner {
         s.served |= for_work;
         Ok(s.capacity.unwrap_or(1))
     }
+}
+
+/// A worker holds a version newer than anything this trainer published: weights of an earlier
+/// trainer run that used higher versions. It must never generate with them.
+fn foreign_weights(worker: u64, newest: u64) -> String {
+    format!(
+        "worker serves weights version {worker} (generation {}, step {}), newer than this trainer's newest {newest} \
+         (generation {}, step {}): they come from another trainer run; publish versions with \
+         `weights_version(restart generation, step)` or restart the worker",
+        worker >> 32,
+        worker & 0xFFFF_FFFF,
+        newest >> 32,
+        newest & 0xFFFF_FFFF
+    )
 }
 
 struct Job {

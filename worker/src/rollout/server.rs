@@ -1,16 +1,20 @@
 //! The `onevision.v1.Rollout` gRPC service of a rollout worker, plus `grpc.health.v1`.
 //!
-//! Generation runs on one dedicated thread (the CPU backend parallelises each group's decode
-//! batch over all cores; two groups at once would only contend): the `Generate` handler
-//! validates each group, waits briefly for `min_model_version`, and queues it; the thread runs
-//! `generate_group` and streams the G completions and a `GroupDone` back.
+//! Generation runs on one dedicated thread (the CPU backend parallelises each decode step over
+//! all cores): the `Generate` handler validates each group, waits briefly for
+//! `min_model_version`, and queues it; the thread decodes the queued groups together
+//! (continuous batching with `BatchDecoder`: up to `capacity` sequences per decode step, a group
+//! joins as soon as its G rows fit and leaves when its last sample finishes) and streams each
+//! group's G completions and a `GroupDone` back as it completes.
 
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use onevision_comms::weights::WeightUpdateAssembler;
+use onevision_model::generate::{BatchDecoder, FinishedGroup, GroupJob};
 use onevision_proto::v1;
 use onevision_proto::v1::rollout_server::{Rollout, RolloutServer};
 use tokio::sync::{mpsc, oneshot};
@@ -20,7 +24,7 @@ use tokio_stream::StreamExt;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use super::engine::{Engine, PreparedGroup};
+use super::engine::{model_status, Engine, GroupOutput, PreparedGroup};
 use super::error::WorkerError;
 use crate::telemetry::{rollout_request_span, rollout_rpc_span, set_remote_parent, RolloutMetrics, RpcSide};
 
@@ -98,44 +102,165 @@ fn done(request_id: u64, completions: u32, code: Code, message: String, seconds:
 }
 
 fn generation_thread(shared: std::sync::Weak<Shared>, rx: std::sync::mpsc::Receiver<GenJob>) {
-    while let Ok(job) = rx.recv() {
-        let Some(sh) = shared.upgrade() else { return };
-        sh.queued.fetch_sub(1, Ordering::Relaxed);
-        sh.set_queue_metric();
-        // The client went away (stream closed): skip the work.
-        if job.reply.is_closed() {
-            continue;
-        }
-        let n = job.group.group_size;
-        sh.active.fetch_add(n, Ordering::Relaxed);
-        if let Some(m) = &sh.metrics {
-            m.set_batch_occupancy(n.min(sh.cfg.capacity as usize), sh.cfg.capacity as usize);
-        }
-        let out = job.span.in_scope(|| sh.engine.run_group(&job.group));
-        sh.active.fetch_sub(n, Ordering::Relaxed);
-        if let Some(m) = &sh.metrics {
-            m.set_batch_occupancy(0, sh.cfg.capacity as usize);
-        }
-        let secs = job.accepted.elapsed().as_secs_f64();
-        match out {
-            Ok(o) => {
-                if let Some(m) = &sh.metrics {
-                    m.request_finished(o.tokens, secs);
-                }
-                let count = o.completions.len() as u32;
-                for c in o.completions {
-                    let msg = v1::GenerateResponse { request_id: job.request_id, event: Some(v1::generate_response::Event::Completion(c)) };
-                    if job.reply.blocking_send(Ok(msg)).is_err() {
-                        break;
-                    }
-                }
-                let _ = job.reply.blocking_send(Ok(done(job.request_id, count, Code::Ok, String::new(), secs)));
+    let mut backlog: VecDeque<GenJob> = VecDeque::new();
+    loop {
+        if backlog.is_empty() {
+            match rx.recv() {
+                Ok(job) => backlog.push_back(job),
+                Err(_) => return,
             }
-            Err(st) => {
-                let _ = job.reply.blocking_send(Ok(done(job.request_id, 0, st.code(), st.message().to_string(), secs)));
+        }
+        let Some(sh) = shared.upgrade() else { return };
+        // Let a waiting weight commit take the lock before the next session starts.
+        while sh.engine.update_pending() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        run_session(&sh, &rx, &mut backlog);
+    }
+}
+
+/// A group in the decode batch (its `GenJob::span` stays open until the group is answered).
+struct Active {
+    job: GenJob,
+}
+
+/// One generation session under one weights version: decodes the queued groups together,
+/// admitting more whenever their rows fit in `capacity`, until no group is left; once a weight
+/// commit waits, no new group joins, so the session ends with the groups in flight.
+fn run_session(sh: &Shared, rx: &std::sync::mpsc::Receiver<GenJob>, backlog: &mut VecDeque<GenJob>) {
+    let capacity = sh.cfg.capacity.max(1) as usize;
+    let (model, version) = sh.engine.session();
+    let mut dec = BatchDecoder::new(&model);
+    let mut active: HashMap<u64, Active> = HashMap::new();
+    let mut next_tag = 0u64;
+    loop {
+        if !sh.engine.update_pending() {
+            while let Ok(job) = rx.try_recv() {
+                backlog.push_back(job);
+            }
+            let mut rows = dec.live_rows();
+            let mut admit = Vec::new();
+            while let Some(job) = backlog.front() {
+                let n = job.group.group_size;
+                // An empty batch takes any group, even one larger than the capacity.
+                if rows > 0 && rows + n > capacity {
+                    break;
+                }
+                let job = backlog.pop_front().expect("front exists");
+                sh.queued.fetch_sub(1, Ordering::Relaxed);
+                // The client went away (stream closed): skip the work.
+                if job.reply.is_closed() {
+                    continue;
+                }
+                rows += n;
+                admit.push(job);
+            }
+            sh.set_queue_metric();
+            if !admit.is_empty() {
+                admit_groups(sh, &mut dec, &mut active, &mut next_tag, admit, version);
+            }
+        }
+        if dec.is_idle() {
+            break;
+        }
+        let live = dec.live_rows();
+        sh.active.store(live, Ordering::Relaxed);
+        if let Some(m) = &sh.metrics {
+            m.set_batch_occupancy(live.min(capacity), capacity);
+        }
+        match dec.step() {
+            Ok(finished) => {
+                for f in finished {
+                    finish(sh, &mut active, f, version);
+                }
+            }
+            Err(e) => {
+                // A failed decode step leaves the batch unusable: fail its groups, keep serving.
+                let st = model_status(e);
+                for (_, a) in active.drain() {
+                    send_failure(&a.job, &st);
+                }
+                break;
             }
         }
     }
+    sh.active.store(0, Ordering::Relaxed);
+    if let Some(m) = &sh.metrics {
+        m.set_batch_occupancy(0, capacity);
+    }
+}
+
+/// Prefills the admitted groups (together; one by one when that fails, so that a bad group
+/// fails alone) and adds them to the batch.
+fn admit_groups(
+    sh: &Shared,
+    dec: &mut BatchDecoder<'_>,
+    active: &mut HashMap<u64, Active>,
+    next_tag: &mut u64,
+    admit: Vec<GenJob>,
+    version: u64,
+) {
+    let tags: Vec<u64> = (0..admit.len() as u64).map(|i| *next_tag + i).collect();
+    *next_tag += admit.len() as u64;
+    let all: Vec<GroupJob<'_>> = tags.iter().zip(&admit).map(|(&t, j)| job_of(t, j)).collect();
+    let results: Vec<(u64, Result<Vec<FinishedGroup>, Status>)> = match dec.add_groups(&all) {
+        Ok(done) => vec![(u64::MAX, Ok(done))],
+        Err(_) if admit.len() > 1 => {
+            tags.iter().zip(&admit).map(|(&t, j)| (t, dec.add_groups(&[job_of(t, j)]).map_err(model_status))).collect()
+        }
+        Err(e) => vec![(tags[0], Err(model_status(e)))],
+    };
+    drop(all);
+    let mut failed: HashMap<u64, Status> = HashMap::new();
+    let mut done_now = Vec::new();
+    for (tag, r) in results {
+        match r {
+            Ok(done) => done_now.extend(done),
+            Err(st) => {
+                failed.insert(tag, st);
+            }
+        }
+    }
+    for (tag, job) in tags.into_iter().zip(admit) {
+        if let Some(st) = failed.remove(&tag) {
+            send_failure(&job, &st);
+            continue;
+        }
+        active.insert(tag, Active { job });
+    }
+    for f in done_now {
+        finish(sh, active, f, version);
+    }
+}
+
+fn job_of(tag: u64, j: &GenJob) -> GroupJob<'_> {
+    GroupJob { tag, prompt: &j.group.prompt, n: j.group.group_size, params: &j.group.params, first_stream: 0 }
+}
+
+/// Streams a completed group's completions and its `GroupDone`.
+fn finish(sh: &Shared, active: &mut HashMap<u64, Active>, f: FinishedGroup, version: u64) {
+    let Some(a) = active.remove(&f.tag) else { return };
+    let job = a.job;
+    let _in_group = job.span.enter();
+    let secs = job.accepted.elapsed().as_secs_f64();
+    let out = GroupOutput::new(f.generations, job.group.params.max_new_tokens, version);
+    if let Some(m) = &sh.metrics {
+        m.request_finished(out.tokens, secs);
+    }
+    let count = out.completions.len() as u32;
+    for c in out.completions {
+        let msg = v1::GenerateResponse { request_id: job.request_id, event: Some(v1::generate_response::Event::Completion(c)) };
+        if job.reply.blocking_send(Ok(msg)).is_err() {
+            return;
+        }
+    }
+    let _ = job.reply.blocking_send(Ok(done(job.request_id, count, Code::Ok, String::new(), secs)));
+}
+
+fn send_failure(job: &GenJob, st: &Status) {
+    tracing::warn!(parent: &job.span, request_id = job.request_id, code = ?st.code(), "group failed: {}", st.message());
+    let secs = job.accepted.elapsed().as_secs_f64();
+    let _ = job.reply.blocking_send(Ok(done(job.request_id, 0, st.code(), st.message().to_string(), secs)));
 }
 
 impl RolloutService {

@@ -20,7 +20,7 @@ use super::eval::{ground_truth, prompt_text};
 use super::settings::{GrpoSettings, JobSettings};
 use super::trainer::{LoopCtx, StepReport, TrainStep};
 use super::{Result, RuntimeError};
-use crate::rollout::{tensors_from_model, GroupRequest, PoolConfig, RolloutPool, Sampling, WorkerSource};
+use crate::rollout::{tensors_from_model, weights_version, GroupRequest, PoolConfig, RolloutPool, Sampling, WorkerSource};
 use crate::telemetry::{phase_span, weight_sync_span, GrpoMetrics, Phase, RewardStats, StepMetrics};
 use crate::training::{grpo_step, logprobs_of, GrpoSample, StepOptions, Trainer, TrainingError};
 
@@ -37,9 +37,9 @@ pub trait RolloutSource {
         params: &SamplingParams,
     ) -> Result<Vec<Vec<Generation>>>;
 
-    /// Make weights `version` (the trainer's optimizer step) available to the generators.
+    /// Make the weights of optimizer step `step` available to the generators.
     /// Returns the seconds spent.
-    fn publish(&mut self, _cx: &LoopCtx<'_>, _trainer: &Trainer, _version: u64) -> Result<f64> {
+    fn publish(&mut self, _cx: &LoopCtx<'_>, _trainer: &Trainer, _step: u64) -> Result<f64> {
         Ok(0.0)
     }
 }
@@ -72,17 +72,20 @@ impl RolloutSource for InProcess {
 /// Rollout workers (`onevision rollout` processes/pods) found through the coordinator's
 /// registry: prompt groups are load-balanced over whichever workers are registered, a lost
 /// worker's groups are retried elsewhere, and every optimizer step's weights are pushed
-/// (versioned by the step; `grpo.maxStaleness` bounds how old a completion's weights may be).
+/// (versioned by gang generation and step, [`weights_version`], so versions keep increasing
+/// across gang restarts; `grpo.maxStaleness` bounds how old a completion's weights may be).
 pub struct WorkerPool {
     pool: RolloutPool,
+    /// Gang generation (`ONEVISION_RESTART_COUNT`).
+    generation: u64,
     /// Weights version the workers were last given (0 = the checkpoint they loaded).
     synced: Option<u64>,
 }
 
 impl WorkerPool {
-    pub fn new(client: onevision_comms::coordinator::CoordinatorClient, max_staleness: u64) -> Self {
+    pub fn new(client: onevision_comms::coordinator::CoordinatorClient, max_staleness: u64, generation: u64) -> Self {
         let cfg = PoolConfig { staleness: max_staleness, ..PoolConfig::default() };
-        WorkerPool { pool: RolloutPool::new(WorkerSource::Coordinator(client), cfg), synced: None }
+        WorkerPool { pool: RolloutPool::new(WorkerSource::Coordinator(client), cfg), generation, synced: None }
     }
 }
 
@@ -124,7 +127,8 @@ impl RolloutSource for WorkerPool {
             .collect())
     }
 
-    fn publish(&mut self, cx: &LoopCtx<'_>, trainer: &Trainer, version: u64) -> Result<f64> {
+    fn publish(&mut self, cx: &LoopCtx<'_>, trainer: &Trainer, step: u64) -> Result<f64> {
+        let version = weights_version(self.generation, step);
         if self.synced == Some(version) || (self.synced.is_none() && version == 0) {
             self.synced = Some(version);
             return Ok(0.0);

@@ -245,7 +245,7 @@ pub fn run_job(
             let step = GrpoStep::new(s, &splits.data, &splits.train_index, reference, layout)?;
             if g.rollout_replicas > 0 {
                 tracing::info!(workers = g.rollout_replicas, "GRPO completions from rollout workers");
-                Box::new(step.with_source(Box::new(super::grpo::WorkerPool::new(cx.coordinator_client.clone(), g.max_staleness))))
+                Box::new(step.with_source(Box::new(super::grpo::WorkerPool::new(cx.coordinator_client.clone(), g.max_staleness, cx.env.restart_count))))
             } else {
                 Box::new(step)
             }
