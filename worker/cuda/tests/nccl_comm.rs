@@ -196,7 +196,11 @@ fn watchdog_turns_a_missing_peer_into_a_timeout() {
     let Some(mut nccl) = nccl_gang(2, NcclOptions { timeout, init_timeout: Duration::from_secs(60) }) else {
         return;
     };
-    // Rank 1 never enters the all-reduce (a dead or hung peer).
+    // One collective together first: NCCL connects peers lazily on the first collective, and the
+    // case to test is a peer that dies mid-training, after its connections exist.
+    let ok = on_all(&nccl, |_, c| c.all_reduce_sum_f32(&mut [1.0]).is_ok());
+    assert!(ok.iter().all(|&x| x));
+    // Then rank 1 never enters the all-reduce (a dead or hung peer).
     let idle = nccl.pop().unwrap();
     let t = Instant::now();
     let mut v = vec![1.0f32; 1024];

@@ -1,7 +1,8 @@
 //! `onevision trainer --job FILE`: one trainer rank of an SFTJob or GRPOJob.
 //!
-//! Rank 0 hosts the coordinator; every rank joins it (rendezvous), connects the TCP ring and runs
-//! the same loop: deterministic data shard, one all-reduce per optimizer step, evaluation at the
+//! Rank 0 hosts the coordinator; every rank joins it (rendezvous), connects its communicator (NCCL
+//! on GPU jobs, the TCP ring otherwise: `dist::select_comm`) and runs the same loop: deterministic
+//! data shard, one all-reduce per optimizer step, evaluation at the
 //! start / every `eval.everySteps` / the end, checkpoints every `checkpoint.everySteps` (rank 0
 //! writes, all ranks resume from the newest one that verifies). Rank 0 also writes
 //! `metrics.jsonl` and `status.json`, reports progress to the coordinator and exports the final
