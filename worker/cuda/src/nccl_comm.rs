@@ -270,8 +270,8 @@ impl NcclCommunicator {
         Err(err)
     }
 
-    /// Upload `input`, run `collective(lane, device_in, device_out)`, wait, download `download`
-    /// f32 values of the result (in place when the plan's sizes are equal and `in_place`).
+    /// Upload `input`, run `collective(comm, device_in, device_out)`, wait, download `download`
+    /// f32 values of the result (in place, one device buffer, when the sizes are equal).
     fn host_f32(
         &self,
         op: &'static str,
