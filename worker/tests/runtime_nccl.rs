@@ -2,10 +2,13 @@
 //! from rank 0 to rank 1 intact through the real coordinator; a gang whose ranks disagree on the
 //! communicator fails with a clear error instead of hanging; `onevision trainer` with
 //! `ONEVISION_COMM=nccl` on a machine without CUDA exits with the permanent-error code and says
-//! why. (NCCL collectives themselves: worker/cuda/tests/nccl_comm.rs, on >= 2 GPUs.)
+//! why; a GPU job on such a machine (the local runner on a laptop) trains on the ring instead.
+//! (NCCL collectives themselves: worker/cuda/tests/nccl_comm.rs, on >= 2 GPUs.)
 
-use std::process::Command;
-use std::time::Duration;
+mod runtime_common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use onevision_comms::coordinator::{serve_coordinator_on, CoordinatorClient, CoordinatorConfig, RetryPolicy};
 use onevision_comms::{rendezvous_cpu, rendezvous_nccl, RendezvousError, RendezvousOptions, NCCL_UNIQUE_ID_BYTES};
@@ -152,4 +155,74 @@ fn forced_nccl_without_cuda_is_a_permanent_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(onevision::EXIT_PERMANENT), "{stderr}");
     assert!(stderr.contains("must be `ring` or `nccl`"), "{stderr}");
+}
+
+#[test]
+fn gpu_job_without_cuda_trains_on_the_ring() {
+    if onevision_cuda::gpu::driver_available() && onevision_cuda::nccl::nccl_available() {
+        eprintln!("skipped: this machine has a CUDA driver and NCCL, so the job would pick NCCL");
+        return;
+    }
+    let fx = runtime_common::Fixture::new(8, 0);
+    let out = fx.path().join("out");
+    let job = fx.path().join("job.yaml");
+    std::fs::write(
+        &job,
+        format!(
+            r#"apiVersion: onevision.dev/v1alpha1
+kind: SFTJob
+metadata: {{name: gpu-on-cpu, namespace: default}}
+spec:
+  model: {{path: {model}}}
+  dataset: {{path: {train}}}
+  output: {{path: {out}}}
+  trainer: {{nodes: 2, gpusPerNode: 1, image: x}}
+  hyperparameters: {{learningRate: 1.0e-3, globalBatchSize: 2, microBatchSize: 1, maxSteps: 1, seed: 1}}
+"#,
+            model = fx.model().display(),
+            train = fx.train().display(),
+            out = out.display()
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let logs: Vec<_> = (0..2).map(|r| fx.path().join(format!("rank{r}.log"))).collect();
+    let mut children: Vec<_> = (0..2)
+        .map(|rank| {
+            Command::new(env!("CARGO_BIN_EXE_onevision"))
+                .args(["trainer", "--job"])
+                .arg(&job)
+                .env("RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("ONEVISION_COORDINATOR", format!("127.0.0.1:{port}"))
+                .env("ONEVISION_RING_BIND", "127.0.0.1:0")
+                .env("POD_IP", "127.0.0.1")
+                .env("RUST_LOG", "info")
+                .env_remove("ONEVISION_COMM")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&logs[rank]).unwrap())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut codes = [None, None];
+    while codes.iter().any(Option::is_none) && Instant::now() < deadline {
+        for (c, code) in children.iter_mut().zip(codes.iter_mut()) {
+            if code.is_none() {
+                *code = c.try_wait().unwrap().map(|s| s.code());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for c in &mut children {
+        let _ = c.kill();
+    }
+    for (r, log) in logs.iter().enumerate() {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        assert_eq!(codes[r], Some(Some(0)), "rank {r} failed:\n{text}");
+        assert!(text.contains("NCCL is unavailable") && text.contains("using the CPU ring"), "rank {r}:\n{text}");
+        assert!(text.contains("communicator: TCP ring"), "rank {r}:\n{text}");
+    }
+    assert!(out.join("metrics.jsonl").exists());
 }
