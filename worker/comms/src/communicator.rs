@@ -98,7 +98,8 @@ fn check_padded_shard(op: &'static str, full: usize, shard: usize, want: usize) 
     Ok(())
 }
 
-pub(crate) fn check_root(op: &'static str, root: usize, world_size: usize) -> Result<(), CommError> {
+/// `Err(InvalidArgument)` unless `root` is a rank of the world (shared by every implementation).
+pub fn check_root(op: &'static str, root: usize, world_size: usize) -> Result<(), CommError> {
     if root >= world_size {
         return Err(CommError::InvalidArgument {
             op,
@@ -108,7 +109,9 @@ pub(crate) fn check_root(op: &'static str, root: usize, world_size: usize) -> Re
     Ok(())
 }
 
-pub(crate) fn check_scatter_lens(
+/// `Err(InvalidArgument)` unless `long == short * world_size` (reduce-scatter input / all-gather
+/// output against the shard), shared by every implementation.
+pub fn check_scatter_lens(
     op: &'static str,
     long: usize,
     short: usize,

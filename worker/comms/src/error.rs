@@ -46,6 +46,18 @@ pub enum CommError {
 
     #[error("communicator unusable after an earlier failure ({0}); the gang must restart")]
     Poisoned(String),
+
+    /// A device collective (NCCL) did not finish in time; the communicator was aborted.
+    #[error(
+        "{backend} {op} on rank {rank} did not complete within {timeout:?}: a peer is dead or hung, \
+         so the communicator was aborted and the gang must restart (raise ONEVISION_COMM_TIMEOUT_SECS \
+         if steps are legitimately this uneven)"
+    )]
+    CollectiveTimeout { backend: &'static str, op: &'static str, rank: usize, timeout: Duration },
+
+    /// A device collective (NCCL) or its host<->device copies failed.
+    #[error("{backend} {op} failed on rank {rank}: {detail}; the gang must restart")]
+    Device { backend: &'static str, op: &'static str, rank: usize, detail: String },
 }
 
 impl CommError {
@@ -59,6 +71,8 @@ impl CommError {
                 | CommError::Io { .. }
                 | CommError::Poisoned(_)
                 | CommError::Rendezvous { .. }
+                | CommError::CollectiveTimeout { .. }
+                | CommError::Device { .. }
         )
     }
 }

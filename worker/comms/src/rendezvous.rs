@@ -1,5 +1,7 @@
 //! One call from "I am rank r of n" to a connected CPU communicator: bind the ring listener,
-//! Join the coordinator with its address, then connect the ring to the returned peers.
+//! Join the coordinator with its address, then connect the ring to the returned peers. For NCCL,
+//! [`rendezvous_nccl`]: rank 0 publishes the NCCL unique id in its Join, every rank gets it back in
+//! the Join answer (the communicator itself is created by `onevision-cuda`).
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
@@ -57,6 +59,65 @@ pub enum RendezvousError {
     Ring(#[from] CommError),
     #[error("ring connection task failed: {0}")]
     Task(String),
+    /// Rank 0 and this rank disagree on the communicator (one picked NCCL, the other the ring),
+    /// e.g. GPUs on some nodes only, or ONEVISION_COMM set on some ranks only.
+    #[error("{0}")]
+    CommMismatch(String),
+}
+
+/// Length of an NCCL unique id (`ncclUniqueId`, `NCCL_UNIQUE_ID_BYTES` in nccl.h).
+pub const NCCL_UNIQUE_ID_BYTES: usize = 128;
+
+fn join_request(opts: &RendezvousOptions, address: String, nccl_unique_id: Vec<u8>) -> v1::JoinRequest {
+    v1::JoinRequest {
+        rank: opts.rank,
+        world_size: opts.world_size,
+        address,
+        generation: opts.generation,
+        name: opts.name.clone(),
+        nccl_unique_id,
+        ..Default::default()
+    }
+}
+
+/// Joins the job for an NCCL gang and returns the coordinator's answer and the NCCL unique id
+/// every rank must initialise its communicator with. Rank 0 passes the id it created
+/// (`ncclGetUniqueId`); the other ranks pass `None` and receive rank 0's id. No ring listener is
+/// bound: the address sent is informational (`nccl://host`).
+pub async fn rendezvous_nccl(
+    client: &CoordinatorClient,
+    opts: RendezvousOptions,
+    unique_id: Option<[u8; NCCL_UNIQUE_ID_BYTES]>,
+) -> Result<(v1::JoinResponse, [u8; NCCL_UNIQUE_ID_BYTES]), RendezvousError> {
+    if (opts.rank == 0) != unique_id.is_some() {
+        return Err(RendezvousError::CommMismatch(format!(
+            "rank {} {} an NCCL unique id: only rank 0 creates it",
+            opts.rank,
+            if unique_id.is_some() { "passed" } else { "did not pass" }
+        )));
+    }
+    let host = opts.advertise_host.clone().unwrap_or_else(|| opts.name.clone());
+    let id = unique_id.map(|b| b.to_vec()).unwrap_or_default();
+    let join = client.join(join_request(&opts, format!("nccl://{host}"), id), opts.join_timeout).await?;
+    if join.peers.len() != opts.world_size as usize {
+        return Err(RendezvousError::BadPeers { got: join.peers.len(), want: opts.world_size });
+    }
+    let got: [u8; NCCL_UNIQUE_ID_BYTES] = join.nccl_unique_id.as_slice().try_into().map_err(|_| {
+        RendezvousError::CommMismatch(format!(
+            "rank {} selected NCCL but the coordinator holds a {}-byte NCCL id (want {NCCL_UNIQUE_ID_BYTES}): \
+             rank 0 selected the TCP ring; set the same ONEVISION_COMM on every rank",
+            opts.rank,
+            join.nccl_unique_id.len()
+        ))
+    })?;
+    if let Some(mine) = unique_id {
+        if mine != got {
+            return Err(RendezvousError::CommMismatch(
+                "the coordinator answered rank 0 with an NCCL id other than the one it published".into(),
+            ));
+        }
+    }
+    Ok((join, got))
 }
 
 /// Joins the job and returns the coordinator's answer and a connected communicator
@@ -74,21 +135,16 @@ pub async fn rendezvous_cpu(
     } else {
         format!("{host}:{}", local.port())
     };
-    let join = client
-        .join(
-            v1::JoinRequest {
-                rank: opts.rank,
-                world_size: opts.world_size,
-                address,
-                generation: opts.generation,
-                name: opts.name.clone(),
-                ..Default::default()
-            },
-            opts.join_timeout,
-        )
-        .await?;
+    let join = client.join(join_request(&opts, address, Vec::new()), opts.join_timeout).await?;
     if join.peers.len() != opts.world_size as usize {
         return Err(RendezvousError::BadPeers { got: join.peers.len(), want: opts.world_size });
+    }
+    if !join.nccl_unique_id.is_empty() {
+        return Err(RendezvousError::CommMismatch(format!(
+            "rank {} selected the TCP ring but rank 0 published an NCCL id (it selected NCCL): \
+             set the same ONEVISION_COMM on every rank, and GPUs on all nodes or none",
+            opts.rank
+        )));
     }
     let mut ring = opts.ring.clone();
     ring.rank = opts.rank as usize;

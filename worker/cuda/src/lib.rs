@@ -14,6 +14,7 @@ pub mod compile;
 pub mod error;
 pub mod gpu;
 pub mod nccl;
+pub mod nccl_comm;
 pub mod ops;
 pub mod sources;
 pub mod toolchain;

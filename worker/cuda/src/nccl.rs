@@ -5,7 +5,7 @@
 //! (the optimizer reads reduced gradients). Both are device-side waits (events), not host syncs.
 
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::CudaStream;
 use cudarc::nccl::{result as nc, sys};
@@ -60,9 +60,46 @@ pub fn unique_id() -> Result<[u8; 128]> {
     Ok(out)
 }
 
+/// The raw communicator, shared with [`AbortHandle`]s. `live` is false once the communicator has
+/// been aborted or destroyed: the lock orders abort against the async-error polls, so neither
+/// touches a freed communicator.
+struct RawComm {
+    comm: sys::ncclComm_t,
+    live: Mutex<bool>,
+}
+
+// SAFETY: the pointer is only dereferenced by NCCL; abort/destroy/async-error queries are
+// serialised by `live`.
+unsafe impl Send for RawComm {}
+unsafe impl Sync for RawComm {}
+
+/// Aborts a communicator from another thread (the watchdog), e.g. while its owner is blocked in a
+/// collective whose peer died: `ncclCommAbort` makes the pending operations return.
+#[derive(Clone)]
+pub struct AbortHandle(Arc<RawComm>);
+
+impl AbortHandle {
+    /// Aborts once; later calls (and the owner's drop) do nothing.
+    pub fn abort(&self) -> Result<()> {
+        let mut live = self.0.live.lock().unwrap_or_else(|p| p.into_inner());
+        if !*live {
+            return Ok(());
+        }
+        *live = false;
+        // SAFETY: the communicator is live (checked under the lock) and is never used by this
+        // module again once `live` is false.
+        unsafe { nc::comm_abort(self.0.comm) }.map(|_| ()).map_err(nccl_err("ncclCommAbort"))
+    }
+
+    pub fn is_aborted(&self) -> bool {
+        !*self.0.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 pub struct Communicator {
     gpu: Arc<Gpu>,
     comm: sys::ncclComm_t,
+    raw: Arc<RawComm>,
     stream: Arc<CudaStream>,
     rank: usize,
     world: usize,
@@ -91,9 +128,53 @@ impl Communicator {
         let mut comm: sys::ncclComm_t = std::ptr::null_mut();
         // SAFETY: comm is a valid out-pointer; the id comes from ncclGetUniqueId on rank 0.
         unsafe { nc::comm_init_rank(&mut comm, world as i32, uid, rank as i32) }.map_err(nccl_err("ncclCommInitRank"))?;
-        Ok(Communicator { gpu, comm, stream, rank, world })
+        let raw = Arc::new(RawComm { comm, live: Mutex::new(true) });
+        Ok(Communicator { gpu, comm, raw, stream, rank, world })
     }
 
+    /// A handle that can abort this communicator from another thread.
+    pub fn abort_handle(&self) -> AbortHandle {
+        AbortHandle(self.raw.clone())
+    }
+
+    /// The first asynchronous error NCCL recorded (a peer's connection broke, a remote rank
+    /// failed), if any. `Err` also when the communicator was aborted.
+    pub fn async_error(&self) -> Result<()> {
+        let live = self.raw.live.lock().unwrap_or_else(|p| p.into_inner());
+        if !*live {
+            return Err(CudaError::Nccl { call: "ncclCommGetAsyncError", message: "communicator was aborted".into() });
+        }
+        let mut state = sys::ncclResult_t::ncclSuccess;
+        // SAFETY: live communicator (checked under the lock), valid out-pointer.
+        unsafe { sys::ncclCommGetAsyncError(self.comm, &mut state) }
+            .result()
+            .map_err(nccl_err("ncclCommGetAsyncError"))?;
+        state.result().map(|_| ()).map_err(nccl_err("asynchronous NCCL error"))
+    }
+
+    /// Blocks until every collective queued on the communication stream has finished, polling
+    /// NCCL's asynchronous error state meanwhile, so a peer that died turns into an error here
+    /// (instead of a stream that never drains). The caller's watchdog bounds the total wait.
+    pub fn wait(&self) -> Result<()> {
+        let mut spins = 0u32;
+        loop {
+            // SAFETY: the stream is alive for self's lifetime.
+            let r = unsafe { cudarc::driver::sys::cuStreamQuery(self.stream.cu_stream()) };
+            match r {
+                cudarc::driver::sys::CUresult::CUDA_SUCCESS => return Ok(()),
+                cudarc::driver::sys::CUresult::CUDA_ERROR_NOT_READY => {}
+                e => return Err(CudaError::Driver { call: "cuStreamQuery", message: format!("{e:?}") }),
+            }
+            self.async_error()?;
+            // Small collectives finish in microseconds: spin briefly before sleeping.
+            spins += 1;
+            if spins < 1000 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
+        }
+    }
     pub fn rank(&self) -> usize {
         self.rank
     }
@@ -141,6 +222,24 @@ impl Communicator {
             .map_err(nccl_err("ncclAllGather"))
     }
 
+    /// `bytes` bytes of root's buffer to everyone (untyped: `ncclUint8`).
+    pub fn broadcast_bytes(&self, send: u64, recv: u64, bytes: usize, root: usize) -> Result<()> {
+        // SAFETY: send/recv hold `bytes` bytes on this rank's device.
+        unsafe {
+            nc::broadcast(
+                send as *const c_void,
+                recv as *mut c_void,
+                bytes,
+                sys::ncclDataType_t::ncclUint8,
+                root as i32,
+                self.comm,
+                self.s(),
+            )
+        }
+        .map(|_| ())
+        .map_err(nccl_err("ncclBroadcast"))
+    }
+
     /// Weight sync (trainer -> rollout ranks): root's buffer to everyone.
     pub fn broadcast(&self, send: u64, recv: u64, count: usize, t: Elem, root: usize) -> Result<()> {
         // SAFETY: send/recv hold `count` elements of `t`.
@@ -152,8 +251,13 @@ impl Communicator {
 
 impl Drop for Communicator {
     fn drop(&mut self) {
+        let mut live = self.raw.live.lock().unwrap_or_else(|p| p.into_inner());
+        if !*live {
+            return; // aborted: NCCL already freed it
+        }
+        *live = false;
         let _ = self.stream.synchronize();
-        // SAFETY: created in new(), destroyed once after its stream drained.
+        // SAFETY: created in new(), destroyed once (live was true) after its stream drained.
         let _ = unsafe { nc::comm_destroy(self.comm) };
     }
 }

@@ -1,7 +1,8 @@
 //! `onevision trainer --job FILE`: one trainer rank of an SFTJob or GRPOJob.
 //!
-//! Rank 0 hosts the coordinator; every rank joins it (rendezvous), connects the TCP ring and runs
-//! the same loop: deterministic data shard, one all-reduce per optimizer step, evaluation at the
+//! Rank 0 hosts the coordinator; every rank joins it (rendezvous), connects its communicator (NCCL
+//! on GPU jobs, the TCP ring otherwise: `dist::select_comm`) and runs the same loop: deterministic
+//! data shard, one all-reduce per optimizer step, evaluation at the
 //! start / every `eval.everySteps` / the end, checkpoints every `checkpoint.everySteps` (rank 0
 //! writes, all ranks resume from the newest one that verifies). Rank 0 also writes
 //! `metrics.jsonl` and `status.json`, reports progress to the coordinator and exports the final
@@ -20,7 +21,10 @@ use onevision_operator::job::AnyJob;
 use onevision_proto::v1;
 use onevision_train::{AdamWConfig, CheckpointManager, DataPosition, Schedule, Warmup};
 
-use super::dist::{all_reduce_scalars, GradLayout};
+use super::dist::{
+    all_reduce_scalars, connect_nccl, local_rank, nccl_options, probe_nccl, select_comm, CommOverride, CommSelection,
+    GradLayout, COMM_ENV, LOCAL_RANK_ENV,
+};
 use super::eval::{answer_budget, evaluate};
 use super::grpo::GrpoStep;
 use super::sft::SftStep;
@@ -122,6 +126,16 @@ pub fn run(job_path: &Path) -> Result<()> {
     let job = AnyJob::read(job_path)?;
     let settings = JobSettings::from_job(&job)?;
     let env = TrainerEnv::from_env()?;
+    // Communicator choice first: a forced NCCL without CUDA fails here, before any rendezvous.
+    let var = |n: &str| std::env::var(n).ok();
+    let nccl_opts = nccl_options(var(onevision_cuda::nccl_comm::TIMEOUT_ENV).as_deref())?;
+    let ordinal = local_rank(var(LOCAL_RANK_ENV).as_deref())?;
+    let selection = select_comm(
+        CommOverride::parse(var(COMM_ENV).as_deref())?,
+        job.common().trainer.gpus_per_node,
+        env.world_size,
+        || probe_nccl(ordinal),
+    )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -148,11 +162,29 @@ pub fn run(job_path: &Path) -> Result<()> {
     let mut ro = RendezvousOptions::new(env.rank, env.world_size, env.restart_count, env.ring_bind);
     ro.advertise_host = env.advertise_host.clone();
     ro.name = env.pod_name.clone();
+    // One timeout setting for either communicator.
+    ro.ring.op_timeout = nccl_opts.timeout;
     tracing::info!(rank = env.rank, world = env.world_size, coordinator = %env.coordinator, "joining the gang");
-    let (_join, comm) = rt.block_on(rendezvous_cpu(&client, ro))?;
-    let heartbeat = {
+    let spawn_heartbeat = || {
         let _g = rt.enter();
         client.spawn_heartbeat(env.rank, env.restart_count, Duration::from_secs(5))
+    };
+    let (comm, heartbeat) = match selection {
+        CommSelection::Ring { fallback } => {
+            if let Some(why) = fallback {
+                tracing::warn!("{why}");
+            }
+            tracing::info!("communicator: TCP ring");
+            let (_join, comm) = rt.block_on(rendezvous_cpu(&client, ro))?;
+            (comm, spawn_heartbeat())
+        }
+        CommSelection::Nccl(gpu) => {
+            tracing::info!(device = gpu.ordinal(), "communicator: NCCL (host buffers)");
+            // NCCL init waits for every rank: heartbeat meanwhile, so the coordinator sees us alive.
+            let mut hb = None;
+            let (_join, comm) = connect_nccl(&rt, &client, ro, gpu, nccl_opts, |_| hb = Some(spawn_heartbeat()))?;
+            (comm, hb.unwrap_or_else(spawn_heartbeat))
+        }
     };
 
     let result = (|| {
