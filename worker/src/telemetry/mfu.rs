@@ -79,6 +79,27 @@ mod tests {
         }
     }
 
+    /// On a GPU machine (and without the override): the peak the trainer uses is the datasheet
+    /// entry of the product name CUDA reports, not of the backend's "cuda:N (sm_XX)" name.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn a_cuda_device_gets_the_datasheet_peak_of_its_name() {
+        let Ok(backend) = onevision_cuda::CudaBackend::new(0) else {
+            eprintln!("SKIPPED: no CUDA device");
+            return;
+        };
+        if std::env::var_os(PEAK_TFLOPS_ENV).is_some() {
+            eprintln!("SKIPPED: {PEAK_TFLOPS_ENV} is set");
+            return;
+        }
+        let name = backend.gpu().context().name().unwrap();
+        let peak = device_peak_tflops(&backend).unwrap();
+        assert_eq!(peak, datasheet_peak_tflops(&name), "{name}");
+        if name.contains("H100") || name.contains("H200") || name.contains("A100") {
+            assert!(peak.is_some(), "{name}");
+        }
+    }
+
     #[test]
     fn mfu_is_achieved_over_peak() {
         // 1e12 FLOPs in 2 s on a 1 TFLOP/s device: half the peak.
