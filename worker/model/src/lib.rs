@@ -18,6 +18,7 @@ pub mod vision;
 pub use model::{KvCache, Prefill, PromptInput, Qwen25Vl, TextLayer, TextWeights, VisionBlock, VisionWeights};
 pub mod generate;
 pub use generate::{generate, generate_group, Generation, SamplingParams};
+pub mod flops;
 pub mod npy;
 pub mod train;
 pub use train::{Tape, TrainForward};

@@ -16,6 +16,7 @@ use onevision_proto::v1;
 use onevision_train::{group_advantages, Aggregation, TensorMap};
 
 use super::dist::{add_into, all_reduce_grads, all_reduce_scalars, GradLayout};
+use super::sft::step_mfu;
 use super::eval::{ground_truth, prompt_text};
 use super::settings::{GrpoSettings, JobSettings};
 use super::trainer::{LoopCtx, StepReport, TrainStep};
@@ -382,6 +383,10 @@ impl TrainStep for GrpoStep<'_> {
         }
         let applied = last.ok_or_else(|| RuntimeError::Config("grpo.iterationsPerBatch must be ≥ 1".into()))?;
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
+        // MFU of the policy update (verl/Megatron convention): its forward + backward passes over
+        // `iterations`, timed by the forward_backward + optimizer phases. Rollout, reference and
+        // old-log-prob forwards and weight sync are outside both the FLOPs and the time.
+        let mfu = step_mfu(&trainer.model, self.freeze, active.iter().map(|x| &x.input), g.iterations, t_fb + t_opt)?;
         let n = st[0].max(1.0);
         let tok = (extra_sum[4] as f64).max(1.0);
         let stats = |sum: f64, sq: f64| -> (f64, f64) {
@@ -403,7 +408,7 @@ impl TrainStep for GrpoStep<'_> {
             grad_norm: applied.grad_norm,
             tokens_per_second: st[1] / secs,
             samples_per_second: n / secs,
-            mfu: None,
+            mfu,
             phase_seconds: vec![
                 (Phase::RolloutWait, t_rollout),
                 (Phase::Reference, t_reference),

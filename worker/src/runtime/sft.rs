@@ -7,13 +7,14 @@ use std::time::Instant;
 
 use onevision_comms::Communicator;
 use onevision_data::{Dataset, Sample};
-use onevision_model::Qwen25Vl;
+use onevision_model::flops::{train_step_flops, VisionTrainable};
+use onevision_model::{PromptInput, Qwen25Vl};
 use onevision_train::TensorMap;
 
 use super::dist::{add_into, all_reduce_grads, all_reduce_scalars, GradLayout};
 use super::trainer::{LoopCtx, StepReport, TrainStep};
-use super::Result;
-use crate::telemetry::{phase_span, Phase, StepMetrics};
+use super::{Result, RuntimeError};
+use crate::telemetry::{mfu, phase_span, Phase, StepMetrics};
 use crate::training::{sft_step, Encoder, Freeze, ReducedGrads, SftExample, StepOptions, Trainer};
 
 /// Loss and summed gradients of one global batch.
@@ -69,6 +70,24 @@ pub fn encode_sft(enc: &Encoder, samples: &[Sample], max_seq_len: usize) -> Resu
         .collect()
 }
 
+/// Model FLOPs utilisation of a step that ran forward + backward `passes` times over `inputs`
+/// in `secs` on this rank (`onevision_model::flops`), or `None` when the device's peak is
+/// unknown (CPU without `ONEVISION_PEAK_TFLOPS`).
+pub(crate) fn step_mfu<'a>(
+    model: &Qwen25Vl,
+    freeze: Freeze,
+    inputs: impl Iterator<Item = &'a PromptInput>,
+    passes: usize,
+    secs: f64,
+) -> Result<Option<f64>> {
+    let Some(peak) = mfu::device_peak_tflops(model.backend()).map_err(|e| RuntimeError::Config(e.to_string()))? else {
+        return Ok(None);
+    };
+    let trainable = VisionTrainable { tower: !freeze.vision_tower, merger: !freeze.merger };
+    let flops = passes as f64 * train_step_flops(&model.config, inputs, trainable);
+    Ok(Some(mfu::mfu(flops, secs, peak)))
+}
+
 /// The SFT objective for the shared training loop.
 pub struct SftStep<'a> {
     pub data: &'a Dataset,
@@ -91,6 +110,9 @@ impl TrainStep for SftStep<'_> {
         let applied = phase_span(Phase::Optimizer).in_scope(|| trainer.apply_reduced(cx.comm, g.grads))?;
         let t2 = Instant::now();
         let secs = (t2 - t0).as_secs_f64().max(1e-9);
+        let (t_fb, t_opt) = ((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64());
+        // MFU of this rank over the whole step (the sum of its logged phases).
+        let mfu = step_mfu(&trainer.model, cx.settings.freeze, examples.iter().map(|e| &e.input), 1, t_fb + t_opt)?;
         let metrics = StepMetrics {
             step: applied.step,
             total_steps: cx.total_steps,
@@ -99,11 +121,8 @@ impl TrainStep for SftStep<'_> {
             grad_norm: applied.grad_norm,
             tokens_per_second: g.tokens as f64 / secs,
             samples_per_second: cx.settings.global_batch as f64 / secs,
-            mfu: None,
-            phase_seconds: vec![
-                (Phase::ForwardBackward, (t1 - t0).as_secs_f64()),
-                (Phase::Optimizer, (t2 - t1).as_secs_f64()),
-            ],
+            mfu,
+            phase_seconds: vec![(Phase::ForwardBackward, t_fb), (Phase::Optimizer, t_opt)],
             grpo: None,
         };
         Ok(StepReport { metrics, reward: None, accuracy: None })

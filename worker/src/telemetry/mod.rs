@@ -16,6 +16,7 @@
 //! dashboards (`scripts/gen-dashboards.py`) query; `docs/observability.md` lists them all.
 
 mod metrics;
+pub mod mfu;
 mod server;
 mod trace;
 

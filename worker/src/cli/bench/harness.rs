@@ -1,7 +1,9 @@
 //! What every `onevision bench` subcommand shares: the device (`--device cpu|cuda[:N]`) and its
 //! Backend, timing (median of synchronised samples), the JSON line each measurement prints, and
-//! the closed-form FLOP and byte counts (the same formulas as benches/torch_*.py, so the two sides
-//! can be joined on `bench` + `shape`).
+//! the closed-form kernel FLOP and byte counts (the same formulas as benches/torch_*.py, so the two
+//! sides can be joined on `bench` + `shape`). Model FLOPs (`bench layer`, `bench sft-step`) are
+//! `onevision_model::flops`, the count behind the trainer's MFU; the datasheet peaks are
+//! `telemetry::mfu`'s.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -12,6 +14,10 @@ use onevision_model::{Backend, CpuBackend, DType, Tensor};
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
+
+#[cfg(feature = "cuda")]
+use crate::telemetry::mfu::datasheet_peak_tflops;
+pub use onevision_model::flops::TextDims;
 
 /// Errors a user can act on: a wrong `--device`, a machine without a GPU, shapes that do not fit.
 #[derive(Debug, thiserror::Error)]
@@ -75,13 +81,6 @@ pub struct Common {
     /// no MFU is printed when unknown, e.g. on CPU).
     #[arg(long)]
     pub peak_tflops: Option<f64>,
-}
-
-/// Dense (not sparse) bf16 tensor-core peaks from the vendors' datasheets, by device name.
-fn datasheet_peak_tflops(name: &str) -> Option<f64> {
-    const PEAKS: [(&str, f64); 6] =
-        [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0)];
-    PEAKS.iter().find(|(k, _)| name.contains(k)).map(|&(_, v)| v)
 }
 
 type SyncFn = Box<dyn Fn() -> anyhow::Result<()> + Send + Sync>;
@@ -198,7 +197,6 @@ fn open_cuda(spec: DeviceSpec, ordinal: usize, timing: (usize, usize)) -> anyhow
 
 #[cfg(not(feature = "cuda"))]
 fn open_cuda(spec: DeviceSpec, _ordinal: usize, _timing: (usize, usize)) -> anyhow::Result<BenchDevice> {
-    let _ = datasheet_peak_tflops;
     Err(BenchError::Cuda {
         device: spec.to_string(),
         source: onevision_cuda::CudaError::Invalid("this onevision binary was built without the `cuda` feature".into()),
@@ -312,20 +310,7 @@ pub fn segment_attn_flops(h: usize, d: usize, cu: &[usize], bwd: bool) -> f64 {
     attn_flops(1, h, 1, pairs, d, false, bwd)
 }
 
-/// Text model dimensions (benches/torch_common.py MODELS).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TextDims {
-    pub hidden: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub inter: usize,
-    pub vocab: usize,
-    /// Layers of the full model (36 for 3B, 28 for 7B).
-    pub layers: usize,
-    pub tied: bool,
-}
-
+// Text model dimensions (benches/torch_common.py MODELS).
 pub const QWEN25VL_3B: TextDims =
     TextDims { hidden: 2048, heads: 16, kv_heads: 2, head_dim: 128, inter: 11008, vocab: 151936, layers: 36, tied: true };
 pub const QWEN25VL_7B: TextDims =
@@ -378,20 +363,4 @@ impl ModelArgs {
         let label = if d == base { self.model.clone() } else { "custom".into() };
         Ok((d, label))
     }
-}
-
-/// One decoder layer fwd+bwd (torch_layer.layer_flops, generalised to `batch` sequences of `seq`):
-/// q/k/v/o projections, the SwiGLU MLP and causal attention; backward = 2× forward.
-pub fn layer_flops(m: &TextDims, batch: usize, seq: usize) -> f64 {
-    let tokens = (batch * seq) as f64;
-    let (h, d, hq, hkv, i) = (m.hidden as f64, m.head_dim as f64, m.heads as f64, m.kv_heads as f64, m.inter as f64);
-    let linear = 2.0 * tokens * h * (hq * d + 2.0 * hkv * d) + 2.0 * tokens * hq * d * h + 3.0 * 2.0 * tokens * h * i;
-    let attn = 4.0 * batch as f64 * (seq * seq) as f64 * hq * d * 0.5;
-    3.0 * (linear + attn)
-}
-
-/// A training step's model FLOPs: `layers` decoder layers plus the LM head (6·T·H·V, as
-/// torch_elementwise.py counts lm_head_ce_fwd_bwd). Embedding and norms are not counted.
-pub fn sft_step_flops(m: &TextDims, layers: usize, batch: usize, seq: usize) -> f64 {
-    layers as f64 * layer_flops(m, batch, seq) + 6.0 * (batch * seq) as f64 * (m.hidden * m.vocab) as f64
 }

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use clap::Args as ClapArgs;
+use onevision_model::flops::{decoder_layers_flops, lm_head_flops};
 use onevision_model::rope::mrope_tables;
 use onevision_model::{AttnMask, AttnSpec, PromptInput, Qwen25Vl, Qwen25VlConfig, Tensor};
 use onevision_synth::init::{config_json, tensor_specs, Init, InitOptions};
@@ -12,7 +13,7 @@ use onevision_train::{AdamWConfig, Schedule, ScheduleKind, Warmup};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-use super::harness::{emit, layer_flops, median, random_host, sft_step_flops, BenchDevice, BenchError, Common, ModelArgs, TextDims, Work};
+use super::harness::{emit, median, random_host, BenchDevice, BenchError, Common, ModelArgs, TextDims, Work};
 use crate::training::{sft_step, Freeze, SftExample, StepOptions, Trainer, TrainerConfig};
 
 /// A random Qwen2.5-VL with the text dimensions `m`, `layers` decoder layers and `vocab` rows, its
@@ -110,7 +111,7 @@ pub fn layer(a: LayerArgs) -> anyhow::Result<()> {
         model.text_layer_backward(0, &acts, &dy, &cos, &sin, &spec, 1, t, &mut grads)?;
         Ok(())
     })?;
-    emit(&dev, &format!("decoder_layer_fwd_bwd/{label}"), json!({"tokens": t}), s, Some(Work::Flops(layer_flops(&m, 1, t))),
+    emit(&dev, &format!("decoder_layer_fwd_bwd/{label}"), json!({"tokens": t}), s, Some(Work::Flops(decoder_layers_flops(&m, 1, &[t]))),
          json!({"note": "includes the M-RoPE rotation, which torch_layer.py leaves out"}));
     Ok(())
 }
@@ -174,7 +175,7 @@ pub fn sft_step_bench(a: SftStepArgs) -> anyhow::Result<()> {
     })?;
     let tokens = a.batch * a.seq;
     emit(&dev, &format!("sft_step/{label}"), json!({"batch": a.batch, "seq": a.seq, "layers": a.layers}), step,
-         Some(Work::Flops(sft_step_flops(&m, a.layers, a.batch, a.seq))),
+         Some(Work::Flops(decoder_layers_flops(&m, a.layers, &vec![a.seq; a.batch]) + lm_head_flops(&m, a.batch * a.seq))),
          json!({"tokens_per_s": tokens as f64 / step, "text_params": params, "forward_ms": forward * 1e3,
                 "fwd_loss_bwd_ms": fwd_loss_bwd * 1e3, "optimizer_ms": optimizer * 1e3}));
     Ok(())
