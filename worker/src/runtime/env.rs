@@ -58,6 +58,16 @@ impl TrainerEnv {
                 k::WORLD_SIZE
             )));
         }
+        // The operator counts one rank per GPU (WORLD_SIZE = nodes × NPROC_PER_NODE), but this
+        // entrypoint is one rank per pod: refuse rather than wait forever for ranks nobody starts.
+        let nproc: u32 = parse(k::NPROC_PER_NODE, get, 1)?;
+        if nproc > 1 {
+            return Err(RuntimeError::Config(format!(
+                "{}={nproc}: trainer.gpusPerNode > 1 needs one trainer process per GPU, which \
+                 `onevision trainer` does not launch yet; use gpusPerNode: 1 with more nodes",
+                k::NPROC_PER_NODE
+            )));
+        }
         let master_port: u16 = parse(k::MASTER_PORT, get, 29500)?;
         let coordinator = get(k::COORDINATOR)
             .filter(|v| !v.trim().is_empty())
@@ -127,5 +137,10 @@ mod tests {
         let bad: HashMap<&str, &str> = HashMap::from([(k::RANK, "2"), (k::WORLD_SIZE, "2")]);
         let err = TrainerEnv::from_lookup(&|n| bad.get(n).map(|s| s.to_string())).unwrap_err();
         assert!(err.is_permanent(), "{err}");
+        let multi: HashMap<&str, &str> = HashMap::from([(k::RANK, "0"), (k::WORLD_SIZE, "16"), (k::NPROC_PER_NODE, "8")]);
+        let err = TrainerEnv::from_lookup(&|n| multi.get(n).map(|s| s.to_string())).unwrap_err();
+        assert!(err.is_permanent() && err.to_string().contains("gpusPerNode"), "{err}");
+        let one: HashMap<&str, &str> = HashMap::from([(k::RANK, "1"), (k::WORLD_SIZE, "2"), (k::NPROC_PER_NODE, "1")]);
+        assert!(TrainerEnv::from_lookup(&|n| one.get(n).map(|s| s.to_string())).is_ok());
     }
 }
