@@ -49,7 +49,7 @@ pub enum Error {
         group: String,
         source: kube::Error,
     },
-    #[error("applying the worker {kind} {name} failed (the operator needs get/create/patch on serviceaccounts, roles and rolebindings, and must itself hold get/patch on pods to grant them: check the chart's RBAC, or set trainer.serviceAccountName to run as your own account): {source}")]
+    #[error("reading or applying the worker {kind} {name} failed (the operator needs get/create/patch on serviceaccounts, roles and rolebindings, and must itself hold get/patch on pods to grant them: check the chart's RBAC, or set trainer.serviceAccountName to run as your own account): {source}")]
     WorkerRbac {
         kind: &'static str,
         name: String,
@@ -163,6 +163,29 @@ fn trainer_selector(job: &str) -> String {
     )
 }
 
+/// One of a job's worker RBAC objects; a refusal names the RBAC the operator lacks.
+async fn get_worker_object<K>(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    kind: &'static str,
+) -> Result<Option<K>, Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    Api::<K>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .map_err(|source| Error::WorkerRbac {
+            kind,
+            name: name.to_string(),
+            source,
+        })
+}
+
 /// Observe everything the planner needs, with quorum reads: the informer cache may lag behind
 /// our own writes, and a stale view could turn a just-created pod into a "deleted" one.
 async fn observe<J: TrainingJob>(client: &Client, job: &J, ns: &str) -> Result<Observed, Error> {
@@ -200,15 +223,9 @@ async fn observe<J: TrainingJob>(client: &Client, job: &J, ns: &str) -> Result<O
         if job.common().trainer.service_account_name.is_none() {
             let worker = names::worker(&name);
             (
-                Api::<ServiceAccount>::namespaced(client.clone(), ns)
-                    .get_opt(&worker)
-                    .await?,
-                Api::<Role>::namespaced(client.clone(), ns)
-                    .get_opt(&worker)
-                    .await?,
-                Api::<RoleBinding>::namespaced(client.clone(), ns)
-                    .get_opt(&worker)
-                    .await?,
+                get_worker_object::<ServiceAccount>(client, ns, &worker, "ServiceAccount").await?,
+                get_worker_object::<Role>(client, ns, &worker, "Role").await?,
+                get_worker_object::<RoleBinding>(client, ns, &worker, "RoleBinding").await?,
             )
         } else {
             (None, None, None)

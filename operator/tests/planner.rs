@@ -224,10 +224,17 @@ fn first_apply(plan: &Plan, kind: ChildKind) -> usize {
 fn trainer_pods_get_a_per_job_worker_account_allowed_to_patch_rank0_only() {
     let job = sft("r1ov", 2, 8);
     let p = plan(&job, &Observed::empty(at(1))).unwrap();
-    for kind in [ChildKind::ServiceAccount, ChildKind::Role, ChildKind::RoleBinding] {
+    for kind in [
+        ChildKind::ServiceAccount,
+        ChildKind::Role,
+        ChildKind::RoleBinding,
+    ] {
         assert_eq!(applied_names(&p, kind), ["r1ov-worker"], "{kind:?}");
         // The API server refuses pods whose ServiceAccount does not exist yet.
-        assert!(first_apply(&p, kind) < first_apply(&p, ChildKind::Pod), "{kind:?}");
+        assert!(
+            first_apply(&p, kind) < first_apply(&p, ChildKind::Pod),
+            "{kind:?}"
+        );
     }
     let mut role = None;
     let mut binding = None;
@@ -269,7 +276,11 @@ fn trainer_pods_get_a_per_job_worker_account_allowed_to_patch_rank0_only() {
     );
     let b = binding.unwrap();
     assert_eq!(
-        (b.role_ref.api_group.as_str(), b.role_ref.kind.as_str(), b.role_ref.name.as_str()),
+        (
+            b.role_ref.api_group.as_str(),
+            b.role_ref.kind.as_str(),
+            b.role_ref.name.as_str()
+        ),
         ("rbac.authorization.k8s.io", "Role", "r1ov-worker")
     );
     let s = &b.subjects.unwrap()[0];
@@ -318,17 +329,23 @@ fn worker_rbac_is_reapplied_only_when_missing_altered_or_not_ours() {
     // A ServiceAccount of an earlier job with the same name (being garbage-collected): adopted by
     // applying it with this job as owner, or it would vanish under the running pods.
     let mut obs = quiet;
-    obs.worker_service_account.as_mut().unwrap().metadata.owner_references =
-        Some(vec![OwnerReference {
-            api_version: API_VERSION.into(),
-            kind: "SFTJob".into(),
-            name: "llava".into(),
-            uid: "uid-of-an-earlier-llava".into(),
-            controller: Some(true),
-            block_owner_deletion: None,
-        }]);
+    obs.worker_service_account
+        .as_mut()
+        .unwrap()
+        .metadata
+        .owner_references = Some(vec![OwnerReference {
+        api_version: API_VERSION.into(),
+        kind: "SFTJob".into(),
+        name: "llava".into(),
+        uid: "uid-of-an-earlier-llava".into(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    }]);
     let p = plan(&job, &obs).unwrap();
-    assert_eq!(applied_names(&p, ChildKind::ServiceAccount), ["llava-worker"]);
+    assert_eq!(
+        applied_names(&p, ChildKind::ServiceAccount),
+        ["llava-worker"]
+    );
 }
 
 #[test]
@@ -337,11 +354,22 @@ fn service_account_name_opts_out_of_the_worker_rbac() {
     job.spec.trainer.service_account_name = Some("mine".into());
     assert_eq!(planner::worker_rbac(&job).unwrap(), None);
     let p = plan(&job, &Observed::empty(at(1))).unwrap();
-    for kind in [ChildKind::ServiceAccount, ChildKind::Role, ChildKind::RoleBinding] {
-        assert!(applied_names(&p, kind).is_empty(), "{kind:?}: {:?}", p.actions);
+    for kind in [
+        ChildKind::ServiceAccount,
+        ChildKind::Role,
+        ChildKind::RoleBinding,
+    ] {
+        assert!(
+            applied_names(&p, kind).is_empty(),
+            "{kind:?}: {:?}",
+            p.actions
+        );
     }
     for pod in created_pods(&p) {
-        assert_eq!(pod.spec.unwrap().service_account_name.as_deref(), Some("mine"));
+        assert_eq!(
+            pod.spec.unwrap().service_account_name.as_deref(),
+            Some("mine")
+        );
     }
     let pool = pool_of(&p).expect("rollout pool");
     assert_eq!(pool.spec.service_account_name.as_deref(), Some("mine"));
@@ -934,7 +962,10 @@ fn pool_keeps_replicas_and_scales_by_index() {
     assert_eq!(container_port(pod, "metrics"), Some(9400));
     // A fixed, named gRPC port: the chart's NetworkPolicy admits it by name.
     assert_eq!(e[env::ROLLOUT_LISTEN], "0.0.0.0:50052");
-    assert_eq!(container_port(pod, planner::ROLLOUT_PORT_NAME), Some(planner::ROLLOUT_PORT));
+    assert_eq!(
+        container_port(pod, planner::ROLLOUT_PORT_NAME),
+        Some(planner::ROLLOUT_PORT)
+    );
     assert_eq!(
         pod.spec.as_ref().unwrap().containers[0]
             .command

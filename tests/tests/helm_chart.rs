@@ -334,20 +334,45 @@ async fn chart_lints_renders_and_is_accepted_by_the_api_server() {
     // Minting tokens would let the operator act as any ServiceAccount of the namespace.
     let token = cluster
         .kubectl(&[
-            "auth", "can-i", "create", "serviceaccounts", "--subresource=token", "-n", &ns, "--as",
+            "auth",
+            "can-i",
+            "create",
+            "serviceaccounts",
+            "--subresource=token",
+            "-n",
+            &ns,
+            "--as",
             &sa,
         ])
         .expect("kubectl auth can-i");
     assert_eq!(String::from_utf8_lossy(&token.stdout).trim(), "no");
-    assert!(!can("create", "clusterroles.rbac.authorization.k8s.io", &ns));
-    assert!(!can("create", "rolebindings.rbac.authorization.k8s.io", "kube-system"));
+    assert!(!can(
+        "create",
+        "clusterroles.rbac.authorization.k8s.io",
+        &ns
+    ));
+    assert!(!can(
+        "create",
+        "rolebindings.rbac.authorization.k8s.io",
+        "kube-system"
+    ));
     // What the worker Role grants must be held by the operator itself, or the API server refuses
     // to create it: the operator's own identity creates the Role the planner builds (dry run),
     // and is refused a Role granting more than it holds.
     let as_operator = |role: &str| {
         cluster
             .kubectl_with_stdin(
-                &["-n", &ns, "apply", "--server-side", "--dry-run=server", "--as", &sa, "-f", "-"],
+                &[
+                    "-n",
+                    &ns,
+                    "apply",
+                    "--server-side",
+                    "--dry-run=server",
+                    "--as",
+                    &sa,
+                    "-f",
+                    "-",
+                ],
                 Some(role),
             )
             .expect("run kubectl")

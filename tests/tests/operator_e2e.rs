@@ -206,11 +206,16 @@ impl Env {
     }
 
     /// `kubectl auth can-i` as a ServiceAccount of the test namespace.
-    fn sa_can(&self, sa: &str, verb: &str, resource: &str) -> Result<bool, Box<dyn std::error::Error>> {
+    fn sa_can(
+        &self,
+        sa: &str,
+        verb: &str,
+        resource: &str,
+    ) -> Result<bool, Box<dyn std::error::Error>> {
         let who = format!("system:serviceaccount:{}:{sa}", self.ns);
-        let out = self
-            .cluster
-            .kubectl(&["-n", &self.ns, "auth", "can-i", verb, resource, "--as", &who])?;
+        let out = self.cluster.kubectl(&[
+            "-n", &self.ns, "auth", "can-i", verb, resource, "--as", &who,
+        ])?;
         Ok(String::from_utf8_lossy(&out.stdout).trim() == "yes")
     }
 
@@ -219,10 +224,11 @@ impl Env {
     async fn check_worker_rbac(&self, job: &str, owner: &SFTJob, pods: &[Pod]) -> TestResult {
         let name = format!("{job}-worker");
         let uid = owner.uid().unwrap_or_default();
-        let owned_by_job = |refs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference]| {
-            refs.iter()
-                .any(|o| o.kind == "SFTJob" && o.uid == uid && o.controller == Some(true))
-        };
+        let owned_by_job =
+            |refs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference]| {
+                refs.iter()
+                    .any(|o| o.kind == "SFTJob" && o.uid == uid && o.controller == Some(true))
+            };
         let sa = Api::<ServiceAccount>::namespaced(self.client.clone(), &self.ns)
             .get(&name)
             .await?;
@@ -250,19 +256,29 @@ impl Env {
         assert_eq!(rules, planner::worker_rules(job));
         assert_eq!(rules.len(), 1);
         assert_eq!(rules[0].verbs, ["get", "patch"]);
-        assert_eq!(rules[0].resources.as_deref(), Some(&["pods".to_string()][..]));
+        assert_eq!(
+            rules[0].resources.as_deref(),
+            Some(&["pods".to_string()][..])
+        );
         assert_eq!(
             rules[0].resource_names.as_deref(),
             Some(&[format!("{job}-trainer-0")][..])
         );
         assert_eq!(
-            (binding.role_ref.kind.as_str(), binding.role_ref.name.as_str()),
+            (
+                binding.role_ref.kind.as_str(),
+                binding.role_ref.name.as_str()
+            ),
             ("Role", name.as_str())
         );
         let subjects = binding.subjects.unwrap_or_default();
         assert_eq!(subjects.len(), 1);
         assert_eq!(
-            (subjects[0].kind.as_str(), subjects[0].name.as_str(), subjects[0].namespace.as_deref()),
+            (
+                subjects[0].kind.as_str(),
+                subjects[0].name.as_str(),
+                subjects[0].namespace.as_deref()
+            ),
             ("ServiceAccount", name.as_str(), Some(self.ns.as_str()))
         );
         for p in pods {
@@ -568,10 +584,12 @@ async fn operator_uses_the_users_service_account_when_named() -> TestResult {
     .map_err(|e| format!("{e}\noperator:\n{}", env.operator_log()))?;
     let spec = pods[0].spec.as_ref().ok_or("pod without spec")?;
     assert_eq!(spec.service_account_name.as_deref(), Some("mine"));
-    assert!(Api::<ServiceAccount>::namespaced(env.client.clone(), &env.ns)
-        .get_opt("own-worker")
-        .await?
-        .is_none());
+    assert!(
+        Api::<ServiceAccount>::namespaced(env.client.clone(), &env.ns)
+            .get_opt("own-worker")
+            .await?
+            .is_none()
+    );
     assert!(Api::<Role>::namespaced(env.client.clone(), &env.ns)
         .get_opt("own-worker")
         .await?
