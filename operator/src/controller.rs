@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
@@ -48,6 +49,12 @@ pub enum Error {
         group: String,
         source: kube::Error,
     },
+    #[error("reading or applying the worker {kind} {name} failed (the operator needs get/create/patch on serviceaccounts, roles and rolebindings, and must itself hold get/patch on pods to grant them: check the chart's RBAC, or set trainer.serviceAccountName to run as your own account): {source}")]
+    WorkerRbac {
+        kind: &'static str,
+        name: String,
+        source: kube::Error,
+    },
 }
 
 impl Error {
@@ -59,6 +66,7 @@ impl Error {
             Error::Plan(_) => "InvalidObject",
             Error::NoNamespace { .. } => "InvalidObject",
             Error::PodGroup { .. } => "PodGroup",
+            Error::WorkerRbac { .. } => "WorkerRbac",
         }
     }
 }
@@ -155,6 +163,29 @@ fn trainer_selector(job: &str) -> String {
     )
 }
 
+/// One of a job's worker RBAC objects; a refusal names the RBAC the operator lacks.
+async fn get_worker_object<K>(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    kind: &'static str,
+) -> Result<Option<K>, Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    Api::<K>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .map_err(|source| Error::WorkerRbac {
+            kind,
+            name: name.to_string(),
+            source,
+        })
+}
+
 /// Observe everything the planner needs, with quorum reads: the informer cache may lag behind
 /// our own writes, and a stale view could turn a just-created pod into a "deleted" one.
 async fn observe<J: TrainingJob>(client: &Client, job: &J, ns: &str) -> Result<Observed, Error> {
@@ -187,12 +218,27 @@ async fn observe<J: TrainingJob>(client: &Client, job: &J, ns: &str) -> Result<O
         }
         None => None,
     };
+    // Jobs running as the user's own service account have no worker RBAC to look at.
+    let (worker_service_account, worker_role, worker_role_binding) =
+        if job.common().trainer.service_account_name.is_none() {
+            let worker = names::worker(&name);
+            (
+                get_worker_object::<ServiceAccount>(client, ns, &worker, "ServiceAccount").await?,
+                get_worker_object::<Role>(client, ns, &worker, "Role").await?,
+                get_worker_object::<RoleBinding>(client, ns, &worker, "RoleBinding").await?,
+            )
+        } else {
+            (None, None, None)
+        };
     Ok(Observed {
         trainer_pods,
         service,
         config_map,
         rollout_pool,
         source_sft_job,
+        worker_service_account,
+        worker_role,
+        worker_role_binding,
         now: Timestamp::now(),
     })
 }
@@ -220,6 +266,36 @@ async fn apply_child(client: &Client, ns: &str, child: &Child) -> Result<(), Err
             Api::<RolloutPool>::namespaced(client.clone(), ns)
                 .patch(&name, &pp, &Patch::Apply(o))
                 .await?;
+        }
+        Child::ServiceAccount(o) => {
+            Api::<ServiceAccount>::namespaced(client.clone(), ns)
+                .patch(&name, &pp, &Patch::Apply(o))
+                .await
+                .map_err(|source| Error::WorkerRbac {
+                    kind: "ServiceAccount",
+                    name: name.clone(),
+                    source,
+                })?;
+        }
+        Child::Role(o) => {
+            Api::<Role>::namespaced(client.clone(), ns)
+                .patch(&name, &pp, &Patch::Apply(o))
+                .await
+                .map_err(|source| Error::WorkerRbac {
+                    kind: "Role",
+                    name: name.clone(),
+                    source,
+                })?;
+        }
+        Child::RoleBinding(o) => {
+            Api::<RoleBinding>::namespaced(client.clone(), ns)
+                .patch(&name, &pp, &Patch::Apply(o))
+                .await
+                .map_err(|source| Error::WorkerRbac {
+                    kind: "RoleBinding",
+                    name: name.clone(),
+                    source,
+                })?;
         }
         Child::PodGroup(o) => {
             let types = o.types.clone().unwrap_or_default();
@@ -255,8 +331,12 @@ async fn delete_child(client: &Client, ns: &str, kind: ChildKind, name: &str) ->
         ChildKind::RolloutPool => {
             delete_ignore_missing(&Api::<RolloutPool>::namespaced(client.clone(), ns), name).await?
         }
-        // PodGroups are only ever removed by garbage collection through their owner reference.
-        ChildKind::PodGroup => {}
+        // PodGroups and the worker RBAC are only ever removed by garbage collection through
+        // their owner reference (so the operator needs no delete verb on them).
+        ChildKind::PodGroup
+        | ChildKind::ServiceAccount
+        | ChildKind::Role
+        | ChildKind::RoleBinding => {}
     }
     Ok(())
 }

@@ -12,8 +12,9 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
     EnvVarSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, PodSpec,
-    ResourceRequirements, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    ResourceRequirements, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, OwnerReference, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -93,6 +94,11 @@ pub mod names {
     pub fn pod_group(job: &str) -> String {
         format!("{job}-trainer")
     }
+    /// ServiceAccount, Role and RoleBinding the trainer pods run with (when the job does not
+    /// name its own `trainer.serviceAccountName`).
+    pub fn worker(job: &str) -> String {
+        format!("{job}-worker")
+    }
 }
 
 /// What the planner needs beyond the job itself: the children as they are now.
@@ -108,6 +114,12 @@ pub struct Observed {
     pub rollout_pool: Option<RolloutPool>,
     /// The SFTJob named by `model.fromSFTJob`, if any and if it exists.
     pub source_sft_job: Option<SFTJob>,
+    /// The per-job worker ServiceAccount `<job>-worker`, if it exists.
+    pub worker_service_account: Option<ServiceAccount>,
+    /// The per-job worker Role `<job>-worker`, if it exists.
+    pub worker_role: Option<Role>,
+    /// The per-job worker RoleBinding `<job>-worker`, if it exists.
+    pub worker_role_binding: Option<RoleBinding>,
     /// The current time.
     pub now: Timestamp,
 }
@@ -121,6 +133,9 @@ impl Observed {
             config_map: None,
             rollout_pool: None,
             source_sft_job: None,
+            worker_service_account: None,
+            worker_role: None,
+            worker_role_binding: None,
             now,
         }
     }
@@ -137,6 +152,9 @@ pub enum Child {
     RolloutPool(RolloutPool),
     /// Volcano or coscheduling PodGroup (a CRD the operator does not own the types of).
     PodGroup(DynamicObject),
+    ServiceAccount(ServiceAccount),
+    Role(Role),
+    RoleBinding(RoleBinding),
 }
 
 impl Child {
@@ -148,6 +166,9 @@ impl Child {
             Child::Pod(_) => ChildKind::Pod,
             Child::RolloutPool(_) => ChildKind::RolloutPool,
             Child::PodGroup(_) => ChildKind::PodGroup,
+            Child::ServiceAccount(_) => ChildKind::ServiceAccount,
+            Child::Role(_) => ChildKind::Role,
+            Child::RoleBinding(_) => ChildKind::RoleBinding,
         }
     }
 
@@ -159,6 +180,9 @@ impl Child {
             Child::Pod(o) => o.name_any(),
             Child::RolloutPool(o) => o.name_any(),
             Child::PodGroup(o) => o.name_any(),
+            Child::ServiceAccount(o) => o.name_any(),
+            Child::Role(o) => o.name_any(),
+            Child::RoleBinding(o) => o.name_any(),
         }
     }
 }
@@ -171,6 +195,9 @@ pub enum ChildKind {
     Pod,
     RolloutPool,
     PodGroup,
+    ServiceAccount,
+    Role,
+    RoleBinding,
 }
 
 /// One step of a plan.
@@ -564,7 +591,7 @@ fn trainer_pod<J: TrainingJob>(ident: &JobIdent, job: &J, rank: i32, generation:
             priority_class_name: c.scheduling.priority_class_name.clone(),
             node_selector: (!t.node_selector.is_empty()).then(|| t.node_selector.clone()),
             tolerations: (!t.tolerations.is_empty()).then(|| t.tolerations.clone()),
-            service_account_name: t.service_account_name.clone(),
+            service_account_name: Some(trainer_service_account(&ident.name, t)),
             containers: vec![Container {
                 name: TRAINER_CONTAINER.into(),
                 image: Some(t.image.clone()),
@@ -598,6 +625,122 @@ fn trainer_pod<J: TrainingJob>(ident: &JobIdent, job: &J, rank: i32, generation:
         }),
         status: None,
     }
+}
+
+/// The ServiceAccount trainer pods run as: the user's `trainer.serviceAccountName`, else the
+/// per-job `<job>-worker` that [`worker_rbac`] creates.
+pub fn trainer_service_account(job: &str, trainer: &TrainerSpec) -> String {
+    trainer
+        .service_account_name
+        .clone()
+        .unwrap_or_else(|| names::worker(job))
+}
+
+/// What trainer pods need from the API server, created per job unless the job names its own
+/// `trainer.serviceAccountName` (then the user grants what that account needs).
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerRbac {
+    pub service_account: ServiceAccount,
+    pub role: Role,
+    pub role_binding: RoleBinding,
+}
+
+/// The rules of the per-job worker Role: rank 0 publishes progress by patching its own pod's
+/// annotation (docs/operator.md, "Progress contract"), and that is all a worker does with the
+/// API. Least privilege: `get` and `patch`, and only on rank 0's pod by name. The name
+/// `<job>-trainer-0` is stable across gang generations (a restarted gang reuses the names), so
+/// `resourceNames` never needs updating; the other ranks, and other jobs' pods, stay untouchable.
+pub fn worker_rules(job: &str) -> Vec<PolicyRule> {
+    vec![PolicyRule {
+        api_groups: Some(vec![String::new()]),
+        resources: Some(vec!["pods".into()]),
+        resource_names: Some(vec![names::trainer_pod(job, 0)]),
+        verbs: vec!["get".into(), "patch".into()],
+        non_resource_urls: None,
+    }]
+}
+
+/// The per-job ServiceAccount, Role and RoleBinding `<job>-worker` (owned by the job, so they are
+/// garbage-collected with it); `None` when the job sets `trainer.serviceAccountName`.
+pub fn worker_rbac<J: TrainingJob>(job: &J) -> Result<Option<WorkerRbac>, PlanError> {
+    let ident = ident(job)?;
+    if job.common().trainer.service_account_name.is_some() {
+        return Ok(None);
+    }
+    let name = names::worker(&ident.name);
+    let meta = || {
+        child_meta(
+            &ident,
+            name.clone(),
+            job_labels_for(&ident, labels::ROLE_TRAINER),
+        )
+    };
+    Ok(Some(WorkerRbac {
+        service_account: ServiceAccount {
+            metadata: meta(),
+            ..Default::default()
+        },
+        role: Role {
+            metadata: meta(),
+            rules: Some(worker_rules(&ident.name)),
+        },
+        role_binding: RoleBinding {
+            metadata: meta(),
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".into(),
+                kind: "Role".into(),
+                name: name.clone(),
+            },
+            subjects: Some(vec![Subject {
+                kind: "ServiceAccount".into(),
+                name: name.clone(),
+                namespace: Some(ident.namespace.clone()),
+                api_group: None,
+            }]),
+        },
+    }))
+}
+
+/// Apply the worker RBAC objects that are missing, not owned by this job (an earlier job of the
+/// same name still being garbage-collected) or altered. ServiceAccount first: the API server
+/// refuses pods whose service account does not exist.
+fn ensure_worker_rbac<J: TrainingJob>(
+    job: &J,
+    ident: &JobIdent,
+    obs: &Observed,
+    actions: &mut Vec<Action>,
+) -> Result<(), PlanError> {
+    let Some(want) = worker_rbac(job)? else {
+        return Ok(());
+    };
+    let owned = |m: &ObjectMeta| {
+        m.owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.uid == ident.owner.uid)
+    };
+    if !obs
+        .worker_service_account
+        .as_ref()
+        .is_some_and(|o| owned(&o.metadata))
+    {
+        actions.push(Action::Apply(Child::ServiceAccount(want.service_account)));
+    }
+    if !obs
+        .worker_role
+        .as_ref()
+        .is_some_and(|o| owned(&o.metadata) && o.rules == want.role.rules)
+    {
+        actions.push(Action::Apply(Child::Role(want.role)));
+    }
+    if !obs.worker_role_binding.as_ref().is_some_and(|o| {
+        owned(&o.metadata)
+            && o.role_ref == want.role_binding.role_ref
+            && o.subjects == want.role_binding.subjects
+    }) {
+        actions.push(Action::Apply(Child::RoleBinding(want.role_binding)));
+    }
+    Ok(())
 }
 
 /// The RolloutPool `<job>-rollout` a GRPOJob owns, with `replicas` workers.
@@ -641,6 +784,8 @@ pub fn rollout_pool_for(
             env: s.trainer.env.clone(),
             node_selector: s.trainer.node_selector.clone(),
             tolerations: s.trainer.tolerations.clone(),
+            // Rollout workers never call the Kubernetes API, so they do not get the per-job
+            // worker account: only the user's own account, if named, else the namespace default.
             service_account_name: s.trainer.service_account_name.clone(),
             scheduler_name: s.scheduling.scheduler_name.clone(),
             priority_class_name: s.scheduling.priority_class_name.clone(),
@@ -1056,6 +1201,7 @@ pub fn plan<J: TrainingJob>(job: &J, obs: &Observed) -> Result<Plan, PlanError> 
     sb.status.model_path = Some(model_path.clone());
 
     // ---- children that exist for the whole life of the job.
+    ensure_worker_rbac(job, &ident, obs, &mut actions)?;
     let cm = job_config_map(job, &model_path)?;
     if obs.config_map.as_ref().map(|o| &o.data) != Some(&cm.data) {
         actions.push(Action::Apply(Child::ConfigMap(cm)));

@@ -199,7 +199,191 @@ fn settled<J: TrainingJob>(job: &J, pods: Vec<Pod>, now: i64) -> Observed {
     let mut o = observed(pods, now);
     o.service = Some(planner::headless_service(job).unwrap());
     o.config_map = Some(planner::job_config_map(job, "/data/models/qwen").unwrap());
+    if let Some(rbac) = planner::worker_rbac(job).unwrap() {
+        o.worker_service_account = Some(rbac.service_account);
+        o.worker_role = Some(rbac.role);
+        o.worker_role_binding = Some(rbac.role_binding);
+    }
     o
+}
+
+/// Names of the applied children of a kind, in plan order.
+fn applied_names(plan: &Plan, kind: ChildKind) -> Vec<String> {
+    plan.applied(kind).map(|c| c.name()).collect()
+}
+
+/// Position of the first action applying a child of `kind`.
+fn first_apply(plan: &Plan, kind: ChildKind) -> usize {
+    plan.actions
+        .iter()
+        .position(|a| matches!(a, Action::Apply(c) if c.kind() == kind))
+        .unwrap_or_else(|| panic!("no {kind:?} applied: {:?}", plan.actions))
+}
+
+#[test]
+fn trainer_pods_get_a_per_job_worker_account_allowed_to_patch_rank0_only() {
+    let job = sft("r1ov", 2, 8);
+    let p = plan(&job, &Observed::empty(at(1))).unwrap();
+    for kind in [
+        ChildKind::ServiceAccount,
+        ChildKind::Role,
+        ChildKind::RoleBinding,
+    ] {
+        assert_eq!(applied_names(&p, kind), ["r1ov-worker"], "{kind:?}");
+        // The API server refuses pods whose ServiceAccount does not exist yet.
+        assert!(
+            first_apply(&p, kind) < first_apply(&p, ChildKind::Pod),
+            "{kind:?}"
+        );
+    }
+    let mut role = None;
+    let mut binding = None;
+    for c in &p.actions {
+        let Action::Apply(c) = c else { continue };
+        let meta = match c {
+            Child::ServiceAccount(o) => &o.metadata,
+            Child::Role(o) => {
+                role = Some(o.clone());
+                &o.metadata
+            }
+            Child::RoleBinding(o) => {
+                binding = Some(o.clone());
+                &o.metadata
+            }
+            _ => continue,
+        };
+        assert_eq!(meta.namespace.as_deref(), Some("team"));
+        let owner = &meta.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+            ("SFTJob", "uid-r1ov", Some(true)),
+            "garbage-collected with the job"
+        );
+        let l = meta.labels.as_ref().unwrap();
+        assert_eq!(l[labels::JOB_NAME], "r1ov");
+        assert_eq!(l[labels::JOB_KIND], "SFTJob");
+    }
+    let rules = role.unwrap().rules.unwrap();
+    assert_eq!(rules.len(), 1);
+    let r = &rules[0];
+    assert_eq!(r.api_groups.as_deref(), Some(&[String::new()][..]));
+    assert_eq!(r.resources.as_deref(), Some(&["pods".to_string()][..]));
+    assert_eq!(r.verbs, ["get", "patch"]);
+    assert_eq!(
+        r.resource_names.as_deref(),
+        Some(&["r1ov-trainer-0".to_string()][..]),
+        "only rank 0's pod, whose name every gang generation reuses"
+    );
+    let b = binding.unwrap();
+    assert_eq!(
+        (
+            b.role_ref.api_group.as_str(),
+            b.role_ref.kind.as_str(),
+            b.role_ref.name.as_str()
+        ),
+        ("rbac.authorization.k8s.io", "Role", "r1ov-worker")
+    );
+    let s = &b.subjects.unwrap()[0];
+    assert_eq!(
+        (s.kind.as_str(), s.name.as_str(), s.namespace.as_deref()),
+        ("ServiceAccount", "r1ov-worker", Some("team"))
+    );
+    for pod in created_pods(&p) {
+        assert_eq!(
+            pod.spec.unwrap().service_account_name.as_deref(),
+            Some("r1ov-worker")
+        );
+    }
+    // The same pods for the local runner.
+    for pod in planner::trainer_pods(&job, 0).unwrap() {
+        assert_eq!(
+            pod.spec.unwrap().service_account_name.as_deref(),
+            Some("r1ov-worker")
+        );
+    }
+}
+
+#[test]
+fn worker_rbac_is_reapplied_only_when_missing_altered_or_not_ours() {
+    let (mut job, pods) = running_job(1);
+    let p = plan(&job, &settled(&job, pods.clone(), 3)).unwrap();
+    commit(&mut job, &p);
+    let quiet = settled(&job, pods.clone(), 4);
+    assert!(plan(&job, &quiet).unwrap().actions.is_empty());
+
+    // Someone widened the Role: put back.
+    let mut obs = quiet.clone();
+    obs.worker_role.as_mut().unwrap().rules.as_mut().unwrap()[0]
+        .verbs
+        .push("delete".into());
+    let p = plan(&job, &obs).unwrap();
+    assert_eq!(applied_names(&p, ChildKind::Role), ["llava-worker"]);
+    assert_eq!(p.actions.len(), 1, "{:?}", p.actions);
+
+    // The RoleBinding was deleted: recreated.
+    let mut obs = quiet.clone();
+    obs.worker_role_binding = None;
+    let p = plan(&job, &obs).unwrap();
+    assert_eq!(applied_names(&p, ChildKind::RoleBinding), ["llava-worker"]);
+
+    // A ServiceAccount of an earlier job with the same name (being garbage-collected): adopted by
+    // applying it with this job as owner, or it would vanish under the running pods.
+    let mut obs = quiet;
+    obs.worker_service_account
+        .as_mut()
+        .unwrap()
+        .metadata
+        .owner_references = Some(vec![OwnerReference {
+        api_version: API_VERSION.into(),
+        kind: "SFTJob".into(),
+        name: "llava".into(),
+        uid: "uid-of-an-earlier-llava".into(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    }]);
+    let p = plan(&job, &obs).unwrap();
+    assert_eq!(
+        applied_names(&p, ChildKind::ServiceAccount),
+        ["llava-worker"]
+    );
+}
+
+#[test]
+fn service_account_name_opts_out_of_the_worker_rbac() {
+    let mut job = grpo("own", 2);
+    job.spec.trainer.service_account_name = Some("mine".into());
+    assert_eq!(planner::worker_rbac(&job).unwrap(), None);
+    let p = plan(&job, &Observed::empty(at(1))).unwrap();
+    for kind in [
+        ChildKind::ServiceAccount,
+        ChildKind::Role,
+        ChildKind::RoleBinding,
+    ] {
+        assert!(
+            applied_names(&p, kind).is_empty(),
+            "{kind:?}: {:?}",
+            p.actions
+        );
+    }
+    for pod in created_pods(&p) {
+        assert_eq!(
+            pod.spec.unwrap().service_account_name.as_deref(),
+            Some("mine")
+        );
+    }
+    let pool = pool_of(&p).expect("rollout pool");
+    assert_eq!(pool.spec.service_account_name.as_deref(), Some("mine"));
+
+    // Without it, rollout workers (which never call the API) do not get the worker account.
+    let job = grpo("rl", 2);
+    let p = plan(&job, &Observed::empty(at(1))).unwrap();
+    assert_eq!(applied_names(&p, ChildKind::Role), ["rl-worker"]);
+    let mut pool = pool_of(&p).expect("rollout pool");
+    assert_eq!(pool.spec.service_account_name, None);
+    pool.metadata.uid = Some("uid-pool".into());
+    for pod in planner::rollout_pods(&pool).unwrap() {
+        assert_eq!(pod.spec.unwrap().service_account_name, None);
+    }
 }
 
 fn cond<'a>(
@@ -778,7 +962,10 @@ fn pool_keeps_replicas_and_scales_by_index() {
     assert_eq!(container_port(pod, "metrics"), Some(9400));
     // A fixed, named gRPC port: the chart's NetworkPolicy admits it by name.
     assert_eq!(e[env::ROLLOUT_LISTEN], "0.0.0.0:50052");
-    assert_eq!(container_port(pod, planner::ROLLOUT_PORT_NAME), Some(planner::ROLLOUT_PORT));
+    assert_eq!(
+        container_port(pod, planner::ROLLOUT_PORT_NAME),
+        Some(planner::ROLLOUT_PORT)
+    );
     assert_eq!(
         pod.spec.as_ref().unwrap().containers[0]
             .command

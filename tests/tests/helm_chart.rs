@@ -316,9 +316,86 @@ async fn chart_lints_renders_and_is_accepted_by_the_api_server() {
         !can("get", "secrets", &ns),
         "the operator never reads Secrets"
     );
+    // The per-job worker ServiceAccount/Role/RoleBinding: created and applied, never deleted
+    // (garbage collection does), and no way around RBAC escalation prevention.
+    for res in [
+        "serviceaccounts",
+        "roles.rbac.authorization.k8s.io",
+        "rolebindings.rbac.authorization.k8s.io",
+    ] {
+        for verb in ["get", "create", "patch"] {
+            assert!(can(verb, res, &ns), "{verb} {res}");
+        }
+        assert!(!can("delete", res, &ns), "delete {res}");
+        assert!(!can("list", res, &ns), "list {res}");
+    }
+    assert!(!can("escalate", "roles.rbac.authorization.k8s.io", &ns));
+    assert!(!can("bind", "roles.rbac.authorization.k8s.io", &ns));
+    // Minting tokens would let the operator act as any ServiceAccount of the namespace.
+    let token = cluster
+        .kubectl(&[
+            "auth",
+            "can-i",
+            "create",
+            "serviceaccounts",
+            "--subresource=token",
+            "-n",
+            &ns,
+            "--as",
+            &sa,
+        ])
+        .expect("kubectl auth can-i");
+    assert_eq!(String::from_utf8_lossy(&token.stdout).trim(), "no");
+    assert!(!can(
+        "create",
+        "clusterroles.rbac.authorization.k8s.io",
+        &ns
+    ));
+    assert!(!can(
+        "create",
+        "rolebindings.rbac.authorization.k8s.io",
+        "kube-system"
+    ));
+    // What the worker Role grants must be held by the operator itself, or the API server refuses
+    // to create it: the operator's own identity creates the Role the planner builds (dry run),
+    // and is refused a Role granting more than it holds.
+    let as_operator = |role: &str| {
+        cluster
+            .kubectl_with_stdin(
+                &[
+                    "-n",
+                    &ns,
+                    "apply",
+                    "--server-side",
+                    "--dry-run=server",
+                    "--as",
+                    &sa,
+                    "-f",
+                    "-",
+                ],
+                Some(role),
+            )
+            .expect("run kubectl")
+    };
+    let worker_role = serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "j-worker"},
+        "rules": onevision_operator::planner::worker_rules("j"),
+    });
+    let out = as_operator(&worker_role.to_string());
     assert!(
-        !can("create", "roles.rbac.authorization.k8s.io", &ns),
-        "no RBAC writes"
+        out.status.success(),
+        "the operator may not create the worker Role: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = as_operator(
+        r#"{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "too-much"},
+            "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]}"#,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("not currently held"),
+        "the operator must not be able to grant what it does not hold: {stderr}"
     );
 
     // Prometheus Operator objects: rendered and well-formed; the local API server has no

@@ -9,11 +9,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, DeleteParams, ListParams};
 use kube::{Client, ResourceExt};
 use onevision_operator::api::{GRPOJob, JobPhase, RolloutPool, SFTJob};
-use onevision_operator::{env, labels};
+use onevision_operator::{env, labels, planner};
 use onevision_tests::{
     wait_for, workspace_binary, BackgroundProcess, Cluster, NodeAgent, NodeAgentConfig,
 };
@@ -204,6 +205,98 @@ impl Env {
         )
     }
 
+    /// `kubectl auth can-i` as a ServiceAccount of the test namespace.
+    fn sa_can(
+        &self,
+        sa: &str,
+        verb: &str,
+        resource: &str,
+    ) -> Result<bool, Box<dyn std::error::Error>> {
+        let who = format!("system:serviceaccount:{}:{sa}", self.ns);
+        let out = self.cluster.kubectl(&[
+            "-n", &self.ns, "auth", "can-i", verb, resource, "--as", &who,
+        ])?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim() == "yes")
+    }
+
+    /// The job's `<job>-worker` ServiceAccount, Role and RoleBinding exist, are owned by the job,
+    /// grant exactly get/patch on rank 0's pod, and the trainer pods run as that account.
+    async fn check_worker_rbac(&self, job: &str, owner: &SFTJob, pods: &[Pod]) -> TestResult {
+        let name = format!("{job}-worker");
+        let uid = owner.uid().unwrap_or_default();
+        let owned_by_job =
+            |refs: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference]| {
+                refs.iter()
+                    .any(|o| o.kind == "SFTJob" && o.uid == uid && o.controller == Some(true))
+            };
+        let sa = Api::<ServiceAccount>::namespaced(self.client.clone(), &self.ns)
+            .get(&name)
+            .await?;
+        let role = Api::<Role>::namespaced(self.client.clone(), &self.ns)
+            .get(&name)
+            .await?;
+        let binding = Api::<RoleBinding>::namespaced(self.client.clone(), &self.ns)
+            .get(&name)
+            .await?;
+        for (kind, meta) in [
+            ("ServiceAccount", &sa.metadata),
+            ("Role", &role.metadata),
+            ("RoleBinding", &binding.metadata),
+        ] {
+            assert!(
+                owned_by_job(meta.owner_references.as_deref().unwrap_or_default()),
+                "{kind} {name} not owned by the job: {:?}",
+                meta.owner_references
+            );
+            let l = meta.labels.clone().unwrap_or_default();
+            assert_eq!(l.get(labels::JOB_NAME).map(String::as_str), Some(job));
+            assert_eq!(l.get(labels::JOB_KIND).map(String::as_str), Some("SFTJob"));
+        }
+        let rules = role.rules.unwrap_or_default();
+        assert_eq!(rules, planner::worker_rules(job));
+        assert_eq!(rules.len(), 1);
+        assert_eq!(rules[0].verbs, ["get", "patch"]);
+        assert_eq!(
+            rules[0].resources.as_deref(),
+            Some(&["pods".to_string()][..])
+        );
+        assert_eq!(
+            rules[0].resource_names.as_deref(),
+            Some(&[format!("{job}-trainer-0")][..])
+        );
+        assert_eq!(
+            (
+                binding.role_ref.kind.as_str(),
+                binding.role_ref.name.as_str()
+            ),
+            ("Role", name.as_str())
+        );
+        let subjects = binding.subjects.unwrap_or_default();
+        assert_eq!(subjects.len(), 1);
+        assert_eq!(
+            (
+                subjects[0].kind.as_str(),
+                subjects[0].name.as_str(),
+                subjects[0].namespace.as_deref()
+            ),
+            ("ServiceAccount", name.as_str(), Some(self.ns.as_str()))
+        );
+        for p in pods {
+            let spec = p.spec.as_ref().ok_or("pod without spec")?;
+            assert_eq!(spec.service_account_name.as_deref(), Some(name.as_str()));
+        }
+        // What the API server's authorizer makes of it: rank 0's pod only, get and patch only.
+        let rank0 = format!("pods/{job}-trainer-0");
+        let rank1 = format!("pods/{job}-trainer-1");
+        assert!(self.sa_can(&name, "patch", &rank0)?);
+        assert!(self.sa_can(&name, "get", &rank0)?);
+        assert!(!self.sa_can(&name, "patch", &rank1)?, "other ranks' pods");
+        assert!(!self.sa_can(&name, "delete", &rank0)?);
+        assert!(!self.sa_can(&name, "list", "pods")?);
+        assert!(!self.sa_can(&name, "patch", &format!("sftjobs.onevision.dev/{job}"))?);
+        Ok(())
+    }
+
     async fn teardown(mut self) -> TestResult {
         self.stop_operator().await?;
         if let Some(agent) = self.agent.take() {
@@ -367,6 +460,7 @@ async fn operator_sft_job_runs_restarts_as_a_gang_and_succeeds() -> TestResult {
     for p in &pods {
         assert_eq!(p.owner_references()[0].kind, "SFTJob");
     }
+    env.check_worker_rbac("llava", &job, &pods).await?;
     // The worker really ran with the operator's environment.
     let fake_env = wait_for("fake worker env of rank 1", LONG, || async {
         let e = env.fake_env("llava-trainer-1");
@@ -387,8 +481,11 @@ async fn operator_sft_job_runs_restarts_as_a_gang_and_succeeds() -> TestResult {
         std::fs::read_to_string(env.fake.path().join("llava-trainer-0.args")).unwrap_or_default();
     assert_eq!(args.trim(), "trainer --job /etc/onevision/job.yaml");
 
-    // Rank 0 reports progress on its own pod.
+    // Rank 0 reports progress on its own pod, as the job's worker ServiceAccount.
+    let worker = format!("system:serviceaccount:{}:llava-worker", env.ns);
     env.kubectl(&[
+        "--as",
+        &worker,
         "annotate",
         "pod",
         "llava-trainer-0",
@@ -462,6 +559,45 @@ async fn operator_sft_job_runs_restarts_as_a_gang_and_succeeds() -> TestResult {
         },
     )
     .await?;
+    env.teardown().await
+}
+
+/// `trainer.serviceAccountName` opts out: no worker ServiceAccount/Role/RoleBinding, and the
+/// trainer pods run as the user's account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_uses_the_users_service_account_when_named() -> TestResult {
+    let cluster = onevision_tests::require_cluster!();
+    let env = Env::new(cluster, "op-sa", false).await?;
+    env.apply("apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: mine}\n")?;
+    let yaml = sft_yaml("own", 1, "").replace(
+        "image: onevision:test}",
+        "image: onevision:test, serviceAccountName: mine}",
+    );
+    assert!(yaml.contains("serviceAccountName: mine"), "{yaml}");
+    env.apply(&yaml)?;
+    let sel = format!("{}=own,{}=trainer", labels::JOB_NAME, labels::ROLE);
+    let pods = wait_for("trainer pod of own", LONG, || async {
+        let pods = env.pods(&sel).await?;
+        Ok::<_, kube::Error>((!pods.is_empty()).then_some(pods))
+    })
+    .await
+    .map_err(|e| format!("{e}\noperator:\n{}", env.operator_log()))?;
+    let spec = pods[0].spec.as_ref().ok_or("pod without spec")?;
+    assert_eq!(spec.service_account_name.as_deref(), Some("mine"));
+    assert!(
+        Api::<ServiceAccount>::namespaced(env.client.clone(), &env.ns)
+            .get_opt("own-worker")
+            .await?
+            .is_none()
+    );
+    assert!(Api::<Role>::namespaced(env.client.clone(), &env.ns)
+        .get_opt("own-worker")
+        .await?
+        .is_none());
+    assert!(Api::<RoleBinding>::namespaced(env.client.clone(), &env.ns)
+        .get_opt("own-worker")
+        .await?
+        .is_none());
     env.teardown().await
 }
 
