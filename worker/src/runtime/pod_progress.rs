@@ -1,8 +1,8 @@
 //! Trainer rank 0 publishes its progress as its own pod's `onevision.dev/progress` annotation; the
 //! operator reads it back (`planner::progress_from_pod`) into the job's `status.progress`, which is
 //! what `kubectl get sftjob` prints. In a cluster only (the service account's in-cluster
-//! credentials, `POD_NAME`, `POD_NAMESPACE`); the pod's service account needs `patch` on pods in
-//! its namespace (docs/operator.md). Publishing never fails training: errors are logged once.
+//! credentials, `POD_NAME`, `POD_NAMESPACE`); the operator gives trainer pods a `<job>-worker` service account
+//! allowed to get/patch exactly this pod (docs/operator.md, "Worker identity"). Publishing never fails training: errors are logged once.
 
 use std::time::{Duration, Instant};
 
