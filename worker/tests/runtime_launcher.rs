@@ -117,3 +117,36 @@ fn a_killed_child_stops_its_sibling_and_the_pod_exits_with_its_code() {
     let left = trainer_pids(&job, "NPROC_PER_NODE=2");
     assert!(left.is_empty(), "processes left behind: {left:?}");
 }
+
+#[test]
+fn sigterm_reaches_every_child_which_checkpoints_and_the_pod_exits_130() {
+    let fx = Fixture::new(32, 2);
+    let manifest = fx.path().join("long.yaml");
+    std::fs::write(&manifest, MANIFEST.replace("maxSteps: 4", "maxSteps: 100000")).unwrap();
+    let work = fx.path().join("work");
+    let child = onevision_run(&manifest, &work, fx.path()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let metrics_file = work.join("tiny-sft/metrics.jsonl");
+    let t = Instant::now();
+    while std::fs::read_to_string(&metrics_file).map(|s| s.lines().count()).unwrap_or(0) < 2 {
+        assert!(t.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Only `onevision run` gets the signal; it SIGTERMs the pod's launcher, which must forward it.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(onevision::runtime::EXIT_INTERRUPTED), "{stderr}");
+    let log = std::fs::read_to_string(work.join("tiny-sft/logs/tiny-sft-trainer-0.log")).unwrap();
+    for rank in 0..2 {
+        assert!(
+            log.lines().any(|l| l.starts_with(&format!("[rank {rank}] ")) && l.contains("SIGTERM received")),
+            "rank {rank} never got the SIGTERM:\n{log}"
+        );
+    }
+    let step = json(&work.join("tiny-sft/status.json"))["progress"]["step"].as_u64().unwrap();
+    assert!(work.join(format!("tiny-sft/checkpoints/ckpt-{step:010}")).is_dir(), "no checkpoint at step {step}");
+    let job = work.join("tiny-sft/job.yaml").display().to_string();
+    assert!(trainer_pids(&job, "NPROC_PER_NODE=2").is_empty());
+}
