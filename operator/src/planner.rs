@@ -514,6 +514,33 @@ fn downward_env() -> Vec<EnvVar> {
     ]
 }
 
+/// Name of the container port of local rank `i` ≥ 1's ring listener (`MASTER_PORT + i`).
+pub fn ring_port_name(local_rank: i32) -> String {
+    format!("ring-{local_rank}")
+}
+
+/// Trainer container ports: `rendezvous` (`MASTER_PORT`, local rank 0's ring listener),
+/// `ring-1`…`ring-{nproc-1}` (`MASTER_PORT + i`, the other ranks the per-GPU launcher starts),
+/// `coordinator` and `metrics`. Named, so the chart's NetworkPolicy admits them by name whatever
+/// `trainer.masterPort` is.
+fn trainer_ports(master_port: i32, coordinator_port: i32, nproc: i32) -> Vec<ContainerPort> {
+    let named = |name: String, port: i32| ContainerPort {
+        name: Some(name),
+        container_port: port,
+        ..Default::default()
+    };
+    let mut ports = vec![named("rendezvous".into(), master_port)];
+    // Past 65535 no port can be declared; the launcher refuses that masterPort with a reason.
+    ports.extend(
+        (1..nproc)
+            .filter(|i| master_port + i <= 65535)
+            .map(|i| named(ring_port_name(i), master_port + i)),
+    );
+    ports.push(named("coordinator".into(), coordinator_port));
+    ports.push(metrics_port());
+    ports
+}
+
 /// The trainer gang: `trainer.nodes` pods for gang generation `generation` (= status.restarts).
 ///
 /// Pod `i` is `<job>-trainer-<i>` with hostname/subdomain making it resolvable as
@@ -603,19 +630,7 @@ fn trainer_pod<J: TrainingJob>(ident: &JobIdent, job: &J, rank: i32, generation:
                     env::JOB_SPEC_PATH.into(),
                 ]),
                 env: Some(env),
-                ports: Some(vec![
-                    ContainerPort {
-                        name: Some("rendezvous".into()),
-                        container_port: t.master_port,
-                        ..Default::default()
-                    },
-                    ContainerPort {
-                        name: Some("coordinator".into()),
-                        container_port: t.coordinator_port,
-                        ..Default::default()
-                    },
-                    metrics_port(),
-                ]),
+                ports: Some(trainer_ports(t.master_port, t.coordinator_port, nproc)),
                 resources: with_gpus(t.resources.as_ref(), t.gpus_per_node),
                 volume_mounts: Some(volume_mounts),
                 ..Default::default()

@@ -477,6 +477,16 @@ fn new_sft_job_creates_config_map_service_and_gang() {
             "the PodMonitor scrapes the port named metrics"
         );
         assert_eq!(container_port(pod, "coordinator"), Some(50051));
+        // The per-GPU launcher's ranks 1..8 listen on MASTER_PORT + i, declared by name for the
+        // chart's NetworkPolicy.
+        assert_eq!(container_port(pod, "rendezvous"), Some(29500));
+        for i in 1..8 {
+            assert_eq!(
+                container_port(pod, &planner::ring_port_name(i)),
+                Some(29500 + i)
+            );
+        }
+        assert_eq!(container_port(pod, &planner::ring_port_name(8)), None);
         let all = pod.spec.as_ref().unwrap().containers[0]
             .env
             .as_ref()
@@ -1053,6 +1063,11 @@ fn cpu_only_and_scheduling_options() {
     assert_eq!(
         (e[env::WORLD_SIZE].as_str(), e[env::NPROC_PER_NODE].as_str()),
         ("2", "1")
+    );
+    assert_eq!(
+        container_port(&pods[0], &planner::ring_port_name(1)),
+        None,
+        "one rank per CPU pod: no extra ring ports"
     );
     let spec = pods[0].spec.as_ref().unwrap();
     assert!(

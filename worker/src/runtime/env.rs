@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 
 use onevision_operator::env as k;
 
+use super::dist::LOCAL_RANK_ENV as LOCAL_RANK;
 use super::{Result, RuntimeError};
 
 /// Where this rank's ring listener binds (`host:port`; port 0 picks a free one). Default:
@@ -29,6 +30,12 @@ pub struct TrainerEnv {
     pub advertise_host: Option<String>,
     pub pod_name: String,
     pub ring_bind: SocketAddr,
+    /// This rank's GPU on its node (`LOCAL_RANK`, default 0).
+    pub local_rank: u32,
+    /// Index of this rank's pod (`NODE_RANK`, default `RANK / NPROC_PER_NODE`).
+    pub node_rank: u32,
+    /// Ranks per pod (`NPROC_PER_NODE`, default 1).
+    pub nproc_per_node: u32,
 }
 
 fn parse<T: std::str::FromStr>(name: &str, get: &dyn Fn(&str) -> Option<String>, default: T) -> Result<T> {
@@ -58,13 +65,14 @@ impl TrainerEnv {
                 k::WORLD_SIZE
             )));
         }
-        // The operator counts one rank per GPU (WORLD_SIZE = nodes × NPROC_PER_NODE), but this
-        // entrypoint is one rank per pod: refuse rather than wait forever for ranks nobody starts.
+        // One rank per GPU: `onevision trainer` launches NPROC_PER_NODE children (runtime::launcher),
+        // each with LOCAL_RANK set; a rank must fit its node's slots.
         let nproc: u32 = parse(k::NPROC_PER_NODE, get, 1)?;
-        if nproc > 1 {
+        let local_rank: u32 = parse(LOCAL_RANK, get, 0)?;
+        let node_rank: u32 = parse(k::NODE_RANK, get, rank / nproc.max(1))?;
+        if nproc == 0 || local_rank >= nproc {
             return Err(RuntimeError::Config(format!(
-                "{}={nproc}: trainer.gpusPerNode > 1 needs one trainer process per GPU, which \
-                 `onevision trainer` does not launch yet; use gpusPerNode: 1 with more nodes",
+                "{LOCAL_RANK}={local_rank} must be below {}={nproc} (and NPROC_PER_NODE at least 1)",
                 k::NPROC_PER_NODE
             )));
         }
@@ -86,6 +94,9 @@ impl TrainerEnv {
             advertise_host: pod_ip,
             pod_name: get(k::POD_NAME).unwrap_or_else(|| format!("rank-{rank}")),
             ring_bind,
+            local_rank,
+            node_rank,
+            nproc_per_node: nproc,
         })
     }
 
@@ -137,9 +148,22 @@ mod tests {
         let bad: HashMap<&str, &str> = HashMap::from([(k::RANK, "2"), (k::WORLD_SIZE, "2")]);
         let err = TrainerEnv::from_lookup(&|n| bad.get(n).map(|s| s.to_string())).unwrap_err();
         assert!(err.is_permanent(), "{err}");
-        let multi: HashMap<&str, &str> = HashMap::from([(k::RANK, "0"), (k::WORLD_SIZE, "16"), (k::NPROC_PER_NODE, "8")]);
-        let err = TrainerEnv::from_lookup(&|n| multi.get(n).map(|s| s.to_string())).unwrap_err();
-        assert!(err.is_permanent() && err.to_string().contains("gpusPerNode"), "{err}");
+        // A child of the per-GPU launcher: pod 1 of 2 with 8 GPUs, local rank 3.
+        let multi: HashMap<&str, &str> = HashMap::from([
+            (k::RANK, "11"),
+            (k::WORLD_SIZE, "16"),
+            (k::NPROC_PER_NODE, "8"),
+            (k::NODE_RANK, "1"),
+            (LOCAL_RANK, "3"),
+        ]);
+        let e = TrainerEnv::from_lookup(&|n| multi.get(n).map(|s| s.to_string())).unwrap();
+        assert_eq!((e.rank, e.local_rank, e.node_rank, e.nproc_per_node), (11, 3, 1, 8));
+        for (name, value) in [(LOCAL_RANK, "8"), (LOCAL_RANK, "x"), (k::NODE_RANK, "-1"), (k::NPROC_PER_NODE, "0")] {
+            let mut m = multi.clone();
+            m.insert(name, value);
+            let err = TrainerEnv::from_lookup(&|n| m.get(n).map(|s| s.to_string())).unwrap_err();
+            assert!(err.is_permanent() && err.to_string().contains(name), "{name}={value}: {err}");
+        }
         let one: HashMap<&str, &str> = HashMap::from([(k::RANK, "1"), (k::WORLD_SIZE, "2"), (k::NPROC_PER_NODE, "1")]);
         assert!(TrainerEnv::from_lookup(&|n| one.get(n).map(|s| s.to_string())).is_ok());
     }

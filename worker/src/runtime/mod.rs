@@ -7,6 +7,7 @@ pub mod dist;
 pub mod env;
 pub mod eval;
 pub mod grpo;
+pub mod launcher;
 pub mod local;
 pub mod pod_progress;
 pub mod report;
@@ -59,6 +60,9 @@ pub enum RuntimeError {
     /// SIGINT/SIGTERM: a checkpoint was written, rerunning resumes.
     #[error("interrupted ({0}); the latest checkpoint is resumable")]
     Interrupted(String),
+    /// A child rank of the per-GPU launcher failed; the launcher exits with its code.
+    #[error("trainer rank {rank} exited with code {code}; the other local ranks were stopped")]
+    RankExited { rank: String, code: i32 },
 }
 
 impl RuntimeError {
@@ -79,6 +83,7 @@ impl RuntimeError {
                     | onevision_rewards::RewardError::MissingAnswer { .. }
             ),
             RuntimeError::Training(t) => matches!(t, T::Data(_) | T::Preprocess(_) | T::Invalid(_)),
+            RuntimeError::RankExited { code, .. } => *code == crate::EXIT_PERMANENT,
             _ => false,
         }
     }
@@ -87,6 +92,7 @@ impl RuntimeError {
     pub fn exit_code(&self) -> i32 {
         match self {
             RuntimeError::Interrupted(_) => EXIT_INTERRUPTED,
+            RuntimeError::RankExited { code, .. } => *code,
             e if e.is_permanent() => crate::EXIT_PERMANENT,
             _ => 1,
         }
