@@ -4,16 +4,15 @@
 
 mod runtime_common;
 
-use std::net::TcpListener;
 use std::sync::Arc;
 
 use onevision::runtime::dist::GradLayout;
 use onevision::runtime::sft::{encode_sft, sft_global_grads, GlobalGrads};
 use onevision::training::{Encoder, Freeze};
-use onevision_comms::{LocalCommunicator, RingConfig, TcpRingCommunicator};
+use onevision_comms::LocalCommunicator;
 use onevision_data::{Dataset, ReadOptions};
 use onevision_model::{CpuBackend, DType, Qwen25Vl};
-use runtime_common::Fixture;
+use runtime_common::{on_tcp_ring, Fixture};
 
 fn grads_of(model_dir: &std::path::Path, samples: &[onevision_data::Sample], comm: &dyn onevision_comms::Communicator) -> GlobalGrads {
     let model = Qwen25Vl::load(model_dir, Arc::new(CpuBackend::new()), DType::F32).unwrap();
@@ -40,23 +39,9 @@ fn two_rank_all_reduced_gradients_equal_single_process_gradients() {
     let samples: Vec<_> = (0..8).map(|i| data.get(i).unwrap()).collect();
     let single = grads_of(&fx.model(), &samples, &LocalCommunicator);
 
-    let listeners: Vec<TcpListener> = (0..2).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
-    let handles: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(rank, l)| {
-            let peers = peers.clone();
-            let model = fx.model();
-            // The interleaved shard the sampler would give each rank (rows 0,2,4,6 / 1,3,5,7).
-            let mine: Vec<_> = samples.iter().skip(rank).step_by(2).cloned().collect();
-            std::thread::spawn(move || {
-                let comm = TcpRingCommunicator::connect_with_listener(RingConfig::new(rank, 2, peers), l).unwrap();
-                grads_of(&model, &mine, &comm)
-            })
-        })
-        .collect();
-    let ranks: Vec<GlobalGrads> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    // The interleaved shard the sampler would give each rank (rows 0,2,4,6 / 1,3,5,7).
+    let inputs: Vec<_> = (0..2).map(|rank| (fx.model(), samples.iter().skip(rank).step_by(2).cloned().collect::<Vec<_>>())).collect();
+    let ranks: Vec<GlobalGrads> = on_tcp_ring(inputs, |_, (model, mine), comm| grads_of(&model, &mine, &comm));
     let full = |g: &GlobalGrads| g.grads.full().expect("an unsharded layout all-reduces").clone();
     let (single_grads, rank_grads): (_, Vec<_>) = (full(&single), ranks.iter().map(full).collect());
 

@@ -15,12 +15,12 @@ use onevision::runtime::dist::GradLayout;
 use onevision::runtime::sft::{encode_sft, sft_global_grads, GlobalGrads};
 use onevision::runtime::JobSettings;
 use onevision::training::{Encoder, Freeze, ReducedGrads, Trainer, TrainerConfig};
-use onevision_comms::{LocalCommunicator, RingConfig, TcpRingCommunicator};
+use onevision_comms::LocalCommunicator;
 use onevision_data::{Dataset, ReadOptions};
 use onevision_model::{CpuBackend, DType, Qwen25Vl};
 use onevision_operator::job::AnyJob;
 use onevision_train::{checkpoint, AdamWConfig, Schedule, ScheduleKind, TensorMap, Warmup};
-use runtime_common::{metrics, Fixture};
+use runtime_common::{metrics, on_tcp_ring, Fixture};
 
 fn job_yaml(fx: &Fixture, out: &Path, nodes: usize, zero: i32, every: u32) -> String {
     format!(
@@ -286,27 +286,15 @@ fn reduce_scattered_shards_are_the_single_process_gradient() {
     let layout = GradLayout::for_trainer(&single_t);
     let flat = layout.flatten(single.grads.full().unwrap(), &[]).unwrap();
 
-    let listeners: Vec<TcpListener> = (0..2).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
-    let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
-    let handles: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(rank, l)| {
-            let peers = peers.clone();
-            let dir = model_dir.clone();
-            let mine: Vec<_> = samples.iter().skip(rank).step_by(2).cloned().collect();
-            std::thread::spawn(move || {
-                let comm = TcpRingCommunicator::connect_with_listener(RingConfig::new(rank, 2, peers), l).unwrap();
-                let t = trainer_for(&dir, Some((rank, 2)));
-                let g = grads_of(&t, &dir, &mine, &comm);
-                (t.layout().shard_range(rank, 2), g)
-            })
-        })
-        .collect();
+    let inputs: Vec<_> = (0..2).map(|rank| (model_dir.clone(), samples.iter().skip(rank).step_by(2).cloned().collect::<Vec<_>>())).collect();
+    let ranks = on_tcp_ring(inputs, |rank, (dir, mine), comm| {
+        let t = trainer_for(&dir, Some((rank, 2)));
+        let g = grads_of(&t, &dir, &mine, &comm);
+        (t.layout().shard_range(rank, 2), g)
+    });
     let scale = flat.iter().fold(0f32, |m, x| m.max(x.abs()));
     let mut covered = 0;
-    for h in handles {
-        let (range, g) = h.join().unwrap();
+    for (range, g) in ranks {
         assert!((g.loss - single.loss).abs() <= 1e-5 * single.loss.abs());
         let ReducedGrads::Shard(shard) = g.grads else { panic!("a ZeRO-1 layout must reduce-scatter") };
         assert_eq!(shard.len(), range.len());

@@ -5,7 +5,33 @@
 
 use std::path::{Path, PathBuf};
 
+use onevision_comms::{RingConfig, TcpRingCommunicator};
 use onevision_synth::{init_model, synth, Family, InitOptions, SynthOptions};
+
+/// Runs `f(rank, input, communicator)` for each input on its own thread, the threads joined by a
+/// real TCP ring on loopback (world = number of inputs); results in rank order.
+pub fn on_tcp_ring<I: Send + 'static, T: Send + 'static>(
+    inputs: Vec<I>,
+    f: impl Fn(usize, I, TcpRingCommunicator) -> T + Send + Copy + 'static,
+) -> Vec<T> {
+    let world = inputs.len();
+    let listeners: Vec<std::net::TcpListener> =
+        (0..world).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .zip(inputs)
+        .enumerate()
+        .map(|(rank, (l, input))| {
+            let peers = peers.clone();
+            std::thread::spawn(move || {
+                let comm = TcpRingCommunicator::connect_with_listener(RingConfig::new(rank, world, peers), l).unwrap();
+                f(rank, input, comm)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
 
 pub struct Fixture {
     pub dir: tempfile::TempDir,
