@@ -5,11 +5,8 @@
 
 mod runtime_common;
 
-use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
 
-use runtime_common::{json, metrics, Fixture};
+use runtime_common::{json, metrics, onevision_run, trainer_pids, wait_for_steps, Fixture};
 
 const MANIFEST: &str = r#"
 apiVersion: onevision.dev/v1alpha1
@@ -26,28 +23,6 @@ spec:
   eval: {dataset: {path: /data/data/heldout.jsonl}, everySteps: 100}
   checkpoint: {everySteps: 100, keep: 1}
 "#;
-
-fn onevision_run(manifest: &Path, work: &Path, data_root: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_onevision"));
-    c.arg("run").arg(manifest).arg("--workdir").arg(work).arg("--data-root").arg(data_root);
-    c
-}
-
-/// Pids of running trainer processes of the job file `job` whose environment has `env`.
-fn trainer_pids(job: &str, env: &str) -> Vec<i32> {
-    let mut pids = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let environ = std::fs::read(e.path().join("environ")).unwrap_or_default();
-        let has = |hay: &[u8], n: &str| hay.split(|b| *b == 0).any(|s| String::from_utf8_lossy(s).contains(n));
-        // A zombie has an empty cmdline; only live processes count.
-        if has(&cmd, job) && has(&cmd, "trainer") && has(&environ, env) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
 
 #[test]
 fn two_gpus_per_node_run_two_ranks_in_one_pod() {
@@ -89,19 +64,21 @@ fn a_permanent_error_in_the_children_exits_78() {
     assert!(log.contains("ONEVISION_COMM") && log.contains("exited with code 78"), "{log}");
 }
 
-#[test]
-fn a_killed_child_stops_its_sibling_and_the_pod_exits_with_its_code() {
-    let fx = Fixture::new(32, 2);
+/// Starts `onevision run` of a job too long to finish and returns, with its workdir, once two
+/// steps are in metrics.jsonl (the gang is up and training).
+fn start_long_run(fx: &Fixture) -> (std::process::Child, std::path::PathBuf) {
     let manifest = fx.path().join("long.yaml");
     std::fs::write(&manifest, MANIFEST.replace("maxSteps: 4", "maxSteps: 100000")).unwrap();
     let work = fx.path().join("work");
     let child = onevision_run(&manifest, &work, fx.path()).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    let metrics_file = work.join("tiny-sft/metrics.jsonl");
-    let t = Instant::now();
-    while std::fs::read_to_string(&metrics_file).map(|s| s.lines().count()).unwrap_or(0) < 2 {
-        assert!(t.elapsed() < Duration::from_secs(120), "no progress");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_steps(&work.join("tiny-sft/metrics.jsonl"), 2);
+    (child, work)
+}
+
+#[test]
+fn a_killed_child_stops_its_sibling_and_the_pod_exits_with_its_code() {
+    let fx = Fixture::new(32, 2);
+    let (child, work) = start_long_run(&fx);
     let job = work.join("tiny-sft/job.yaml").display().to_string();
     let rank1 = trainer_pids(&job, "LOCAL_RANK=1");
     let all = trainer_pids(&job, "NPROC_PER_NODE=2");
@@ -121,16 +98,7 @@ fn a_killed_child_stops_its_sibling_and_the_pod_exits_with_its_code() {
 #[test]
 fn sigterm_reaches_every_child_which_checkpoints_and_the_pod_exits_130() {
     let fx = Fixture::new(32, 2);
-    let manifest = fx.path().join("long.yaml");
-    std::fs::write(&manifest, MANIFEST.replace("maxSteps: 4", "maxSteps: 100000")).unwrap();
-    let work = fx.path().join("work");
-    let child = onevision_run(&manifest, &work, fx.path()).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    let metrics_file = work.join("tiny-sft/metrics.jsonl");
-    let t = Instant::now();
-    while std::fs::read_to_string(&metrics_file).map(|s| s.lines().count()).unwrap_or(0) < 2 {
-        assert!(t.elapsed() < Duration::from_secs(120), "no progress");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (child, work) = start_long_run(&fx);
     // Only `onevision run` gets the signal; it SIGTERMs the pod's launcher, which must forward it.
     unsafe {
         libc::kill(child.id() as i32, libc::SIGINT);

@@ -3,10 +3,8 @@
 
 mod runtime_common;
 
-use std::path::Path;
-use std::process::Command;
 
-use runtime_common::{json, metrics, Fixture};
+use runtime_common::{json, metrics, onevision_run, trainer_pids, wait_for_steps, Fixture};
 
 const MANIFEST: &str = r#"
 apiVersion: onevision.dev/v1alpha1
@@ -38,25 +36,13 @@ spec:
   checkpoint: {everySteps: 3, keep: 2}
 "#;
 
-fn onevision_run(manifest: &Path, work: &Path, data_root: &Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_onevision"))
-        .arg("run")
-        .arg(manifest)
-        .arg("--workdir")
-        .arg(work)
-        .arg("--data-root")
-        .arg(data_root)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn run_writes_metrics_status_checkpoints_and_models_for_sft_then_grpo() {
     let fx = Fixture::new(32, 6);
     let manifest = fx.path().join("tiny.yaml");
     std::fs::write(&manifest, MANIFEST).unwrap();
     let work = fx.path().join("work");
-    let out = onevision_run(&manifest, &work, fx.path());
+    let out = onevision_run(&manifest, &work, fx.path()).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "onevision run failed: {stderr}");
 
@@ -115,7 +101,7 @@ fn run_writes_metrics_status_checkpoints_and_models_for_sft_then_grpo() {
     assert!(grpo.join("model.safetensors").is_file());
 
     // Running the same file again does not redo finished jobs.
-    let again = onevision_run(&manifest, &work, fx.path());
+    let again = onevision_run(&manifest, &work, fx.path()).output().unwrap();
     assert!(again.status.success());
     let stderr = String::from_utf8_lossy(&again.stderr);
     assert_eq!(stderr.matches("already succeeded").count(), 2, "{stderr}");
@@ -127,7 +113,7 @@ fn run_fails_with_a_clear_message_and_a_failed_status_on_missing_data() {
     let manifest = fx.path().join("bad.yaml");
     std::fs::write(&manifest, MANIFEST.split("---").nth(1).unwrap().replace("train.jsonl", "missing.jsonl")).unwrap();
     let work = fx.path().join("work");
-    let out = onevision_run(&manifest, &work, fx.path());
+    let out = onevision_run(&manifest, &work, fx.path()).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("missing.jsonl") && stderr.contains("does not exist"), "{stderr}");
@@ -150,7 +136,7 @@ fn grpo_with_rollout_workers_generates_remotely_and_pushes_each_version() {
         .replace("maxSteps: 3", "maxSteps: 2");
     std::fs::write(&manifest, text).unwrap();
     let work = fx.path().join("work");
-    let out = onevision_run(&manifest, &work, fx.path());
+    let out = onevision_run(&manifest, &work, fx.path()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let dir = work.join("tiny-grpo");
     let m = metrics(&dir.join("metrics.jsonl"));
@@ -173,22 +159,9 @@ fn interrupting_run_leaves_a_checkpoint_and_rerunning_resumes_to_the_end() {
     let text = MANIFEST.split("---").nth(1).unwrap().replace("maxSteps: 6", "maxSteps: 300").replace("everySteps: 3, keep: 2", "everySteps: 1000, keep: 2");
     std::fs::write(&manifest, text).unwrap();
     let work = fx.path().join("work");
-    let child = Command::new(env!("CARGO_BIN_EXE_onevision"))
-        .arg("run")
-        .arg(&manifest)
-        .arg("--workdir")
-        .arg(&work)
-        .arg("--data-root")
-        .arg(fx.path())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = onevision_run(&manifest, &work, fx.path()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let metrics_file = work.join("tiny-sft/metrics.jsonl");
-    let t = std::time::Instant::now();
-    while std::fs::read_to_string(&metrics_file).map(|s| s.lines().count()).unwrap_or(0) < 3 {
-        assert!(t.elapsed() < std::time::Duration::from_secs(120), "no progress");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_steps(&metrics_file, 3);
     unsafe {
         libc::kill(child.id() as i32, libc::SIGINT);
     }
@@ -201,26 +174,12 @@ fn interrupting_run_leaves_a_checkpoint_and_rerunning_resumes_to_the_end() {
     assert!(step >= 3 && step < 300, "{st}");
     assert!(work.join(format!("tiny-sft/checkpoints/ckpt-{step:010}")).is_dir(), "no checkpoint at step {step}");
 
-    let again = onevision_run(&manifest, &work, fx.path());
+    let again = onevision_run(&manifest, &work, fx.path()).output().unwrap();
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
     let m = metrics(&metrics_file);
     assert_eq!(m.len(), 300);
     assert!(m.iter().enumerate().all(|(i, x)| x["step"] == (i + 1) as u64), "steps not contiguous after resume");
     assert_eq!(json(&work.join("tiny-sft/status.json"))["phase"], "Succeeded");
-}
-
-/// Pid of the running process whose command line mentions `needle` and whose environment has `env`.
-fn find_process(needle: &str, env: &str) -> Option<i32> {
-    for e in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let environ = std::fs::read(e.path().join("environ")).unwrap_or_default();
-        let has = |hay: &[u8], n: &str| hay.split(|b| *b == 0).any(|s| String::from_utf8_lossy(s).contains(n));
-        if has(&cmd, needle) && has(&cmd, "trainer") && has(&environ, env) {
-            return Some(pid);
-        }
-    }
-    None
 }
 
 #[test]
@@ -230,24 +189,11 @@ fn a_killed_rank_restarts_the_gang_from_the_last_checkpoint_and_the_curve_contin
     let text = MANIFEST.split("---").nth(1).unwrap().replace("maxSteps: 6", "maxSteps: 200").replace("everySteps: 3, keep: 2", "everySteps: 5, keep: 2");
     std::fs::write(&manifest, text).unwrap();
     let work = fx.path().join("work");
-    let child = Command::new(env!("CARGO_BIN_EXE_onevision"))
-        .arg("run")
-        .arg(&manifest)
-        .arg("--workdir")
-        .arg(&work)
-        .arg("--data-root")
-        .arg(fx.path())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = onevision_run(&manifest, &work, fx.path()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let metrics_file = work.join("tiny-sft/metrics.jsonl");
-    let t = std::time::Instant::now();
-    while std::fs::read_to_string(&metrics_file).map(|s| s.lines().count()).unwrap_or(0) < 7 {
-        assert!(t.elapsed() < std::time::Duration::from_secs(120), "no progress");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_steps(&metrics_file, 7);
     let job = work.join("tiny-sft/job.yaml").display().to_string();
-    let rank1 = find_process(&job, "ONEVISION_REPLICA_INDEX=1").expect("rank 1 process");
+    let rank1 = *trainer_pids(&job, "ONEVISION_REPLICA_INDEX=1").first().expect("rank 1 process");
     unsafe {
         libc::kill(rank1, libc::SIGKILL);
     }

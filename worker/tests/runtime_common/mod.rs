@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 use onevision_comms::{RingConfig, TcpRingCommunicator};
 use onevision_synth::{init_model, synth, Family, InitOptions, SynthOptions};
@@ -99,4 +101,36 @@ pub fn metrics(path: &Path) -> Vec<serde_json::Value> {
 
 pub fn json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+}
+
+/// `onevision run MANIFEST --workdir WORK --data-root DATA_ROOT`, not started yet.
+pub fn onevision_run(manifest: &Path, work: &Path, data_root: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_onevision"));
+    c.arg("run").arg(manifest).arg("--workdir").arg(work).arg("--data-root").arg(data_root);
+    c
+}
+
+/// Waits (at most 120 s, else the test fails) until `metrics_file` holds `steps` lines.
+pub fn wait_for_steps(metrics_file: &Path, steps: usize) {
+    let t = Instant::now();
+    while std::fs::read_to_string(metrics_file).map(|s| s.lines().count()).unwrap_or(0) < steps {
+        assert!(t.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Pids of running trainer processes of the job file `job` whose environment has `env`.
+pub fn trainer_pids(job: &str, env: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let environ = std::fs::read(e.path().join("environ")).unwrap_or_default();
+        let has = |hay: &[u8], n: &str| hay.split(|b| *b == 0).any(|s| String::from_utf8_lossy(s).contains(n));
+        // A zombie has an empty cmdline; only live processes count.
+        if has(&cmd, job) && has(&cmd, "trainer") && has(&environ, env) {
+            pids.push(pid);
+        }
+    }
+    pids
 }
