@@ -305,6 +305,35 @@ async fn rollout_workers_register_renew_and_leave() {
     assert_eq!(server.status().rollout_workers, 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_in_flight_never_re_registers_a_released_worker() {
+    // Regression: release used to abort the renewal task, and a renewal already on the wire could
+    // reach the coordinator after the Deregister and bring the worker back. With a 50 ms renewal
+    // period and releases spread over it, some releases land while a renewal is in flight.
+    let mut cfg = CoordinatorConfig::new(1, 0);
+    cfg.rollout_lease_ttl = Duration::from_millis(150);
+    let server = serve_coordinator(loopback(), cfg).await.unwrap();
+    let c = CoordinatorClient::new(&server.endpoint(), fast_policy()).unwrap();
+    for i in 0..40u64 {
+        let id = format!("w{i}");
+        let lease = c
+            .keep_registered(v1::RegisterRolloutRequest {
+                worker_id: id.clone(),
+                address: "127.0.0.1:40000".into(),
+                capacity: 1,
+                model_version: 0,
+            })
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(45 + (i * 7) % 20)).await;
+        assert!(lease.release().await.unwrap(), "{id} was registered until released");
+        // Long enough for a stray renewal to land, shorter than the TTL it would refresh.
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let ids: Vec<String> = server.rollout_workers().into_iter().map(|w| w.worker_id).collect();
+        assert!(!ids.contains(&id), "{id} is registered again after release: {ids:?}");
+    }
+}
+
 // ---- UpdateWeights over gRPC, with the assembler behind a minimal Rollout service ----
 
 struct WeightsOnly {

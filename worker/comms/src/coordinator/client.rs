@@ -414,11 +414,17 @@ impl CoordinatorClient {
         let worker_id = req.worker_id.clone();
         let version = Arc::new(AtomicU64::new(req.model_version));
         let v2 = version.clone();
+        let (stop_tx, mut stop_rx) = watch::channel(false);
         let task = tokio::spawn(async move {
             loop {
-                tokio::time::sleep(period).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(period) => {}
+                    _ = stop_rx.changed() => return,
+                }
                 let mut r = req.clone();
                 r.model_version = v2.load(Ordering::Relaxed);
+                // Not raced against the stop signal: a renewal already on the wire must be answered
+                // before `release` deregisters, or it could land after and re-register us.
                 if let Err(e) = client.register_rollout(r).await {
                     // Keep trying: the trainer may be restarting; a new coordinator re-learns us.
                     tracing::warn!(error = %e, "rollout lease renewal failed");
@@ -430,6 +436,7 @@ impl CoordinatorClient {
             worker_id,
             trainer_model_version: first.trainer_model_version,
             version,
+            stop: stop_tx,
             task: Some(task),
         })
     }
@@ -479,6 +486,7 @@ pub struct RolloutLease {
     worker_id: String,
     trainer_model_version: u64,
     version: Arc<AtomicU64>,
+    stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -493,10 +501,12 @@ impl RolloutLease {
         self.version.store(version, Ordering::Relaxed);
     }
 
-    /// Stops renewing and deregisters (a clean scale-down).
+    /// Stops renewing and deregisters (a clean scale-down). Waits for a renewal in flight first so
+    /// that it cannot reach the coordinator after the deregistration.
     pub async fn release(mut self) -> Result<bool, ClientError> {
+        let _ = self.stop.send(true);
         if let Some(t) = self.task.take() {
-            t.abort();
+            let _ = t.await;
         }
         self.client.deregister_rollout(&self.worker_id).await
     }
