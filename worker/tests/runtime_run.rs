@@ -73,6 +73,11 @@ fn run_writes_metrics_status_checkpoints_and_models_for_sft_then_grpo() {
         assert_eq!(st["evaluation"][when]["n"], 6, "{st}");
         let a = st["evaluation"][when]["accuracy"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&a));
+        // Every held-out row is a colour question: one category holding all of them, summed over
+        // both ranks' shards.
+        let by = &st["evaluation"][when]["byCategory"];
+        assert_eq!(by.as_object().map(|o| o.len()), Some(1), "{st}");
+        assert_eq!((by["color"]["n"].as_u64(), by["color"]["accuracy"].as_f64()), (Some(6), Some(a)), "{st}");
     }
     assert!(st["conditions"].as_array().unwrap().iter().any(|c| c["type"] == "Succeeded" && c["status"] == "True"));
     assert!(sft.join("checkpoints/ckpt-0000000006").is_dir());

@@ -494,13 +494,19 @@ fn run_job(
     let secs = started.elapsed().as_secs_f64();
     if let Some(st) = &st {
         let ev = &st.evaluation;
-        match (ev.before, ev.after) {
-            (Some(b), Some(a)) => eprintln!(
-                "{kind} {name}: Succeeded in {secs:.0}s; held-out accuracy {:.1}% -> {:.1}% (n={})",
-                100.0 * b.accuracy,
-                100.0 * a.accuracy,
-                a.n
-            ),
+        match (&ev.before, &ev.after) {
+            (Some(b), Some(a)) => {
+                eprintln!(
+                    "{kind} {name}: Succeeded in {secs:.0}s; held-out accuracy {:.1}% -> {:.1}% (n={})",
+                    100.0 * b.accuracy,
+                    100.0 * a.accuracy,
+                    a.n
+                );
+                for (c, after) in &a.by_category {
+                    let before = b.by_category.get(c).map_or(0.0, |x| x.accuracy);
+                    eprintln!("  {c}: {:.1}% -> {:.1}% (n={})", 100.0 * before, 100.0 * after.accuracy, after.n);
+                }
+            }
             _ => eprintln!("{kind} {name}: Succeeded in {secs:.0}s"),
         }
     }

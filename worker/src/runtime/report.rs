@@ -2,6 +2,7 @@
 //! optimizer step) and `status.json` (the `status` the operator would publish for the job, plus
 //! `"kind"` and `"evaluation": {"before": {...}, "after": {...}}`), always replaced atomically.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -18,8 +19,19 @@ pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const STATUS_FILE: &str = "status.json";
 
 /// Held-out accuracy with the accuracy reward on generated answers.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalResult {
+    pub accuracy: f64,
+    pub n: usize,
+    /// The same per category of question (the rows' `family` or `category` field: synthetic task
+    /// families, benchmark subjects), when the evaluation set names them.
+    #[serde(rename = "byCategory", default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_category: BTreeMap<String, CategoryAccuracy>,
+}
+
+/// Accuracy on the questions of one category.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CategoryAccuracy {
     pub accuracy: f64,
     pub n: usize,
 }

@@ -25,7 +25,7 @@ use super::dist::{
     all_reduce_scalars, connect_nccl, local_rank, nccl_options, probe_nccl, select_comm, CommOverride, CommSelection,
     GradLayout, COMM_ENV, LOCAL_RANK_ENV,
 };
-use super::eval::{answer_budget, evaluate};
+use super::eval::{answer_budget, categories, evaluate};
 use super::grpo::GrpoStep;
 use super::sft::SftStep;
 use super::signals::StopFlag;
@@ -312,6 +312,7 @@ pub fn run_job(
     let eval_shard: Vec<Sample> = splits.eval.iter().enumerate().filter(|(i, _)| i % world == rank).map(|(_, x)| x.clone()).collect();
     // One budget for SFT and GRPO evaluations, so their accuracies compare.
     let eval_budget = answer_budget(cx.enc, &splits.eval, 512);
+    let eval_categories = categories(&splits.eval);
     let has_eval = !splits.eval.is_empty();
     let mut reporter = if rank == 0 {
         Some(Reporter::open(&s.output, s.kind.as_str(), &s.model.display().to_string(), resumed.as_ref().map(|_| step))?)
@@ -322,17 +323,17 @@ pub fn run_job(
     let before = match before {
         Some(b) => Some(b),
         None if has_eval => {
-            let e = evaluate(&trainer.model, cx.enc, cx.comm, &eval_shard, eval_budget)?;
+            let e = evaluate(&trainer.model, cx.enc, cx.comm, &eval_shard, &eval_categories, eval_budget)?;
             tracing::info!(accuracy = e.accuracy, n = e.n, "evaluation before training");
             Some(e)
         }
         None => None,
     };
     if let Some(r) = reporter.as_mut() {
-        r.status.evaluation.before = before;
+        r.status.evaluation.before = before.clone();
         r.write_status()?;
     }
-    if let Some(b) = before {
+    if let Some(b) = &before {
         tm.set_accuracy("eval", b.accuracy);
     }
     let save = |trainer: &Trainer, step: u64, cursor: &BatchCursor| -> Result<Option<std::path::PathBuf>> {
@@ -381,7 +382,7 @@ pub fn run_job(
         line["epoch"] = serde_json::json!(step as f64 / steps_per_epoch as f64);
         let mut eval_acc = None;
         if has_eval && step % s.eval_every == 0 && step < total {
-            let e = evaluate(&trainer.model, cx.enc, cx.comm, &eval_shard, eval_budget)?;
+            let e = evaluate(&trainer.model, cx.enc, cx.comm, &eval_shard, &eval_categories, eval_budget)?;
             line["eval_accuracy"] = serde_json::json!(e.accuracy);
             tm.set_accuracy("eval", e.accuracy);
             eval_acc = Some(e.accuracy);
@@ -430,7 +431,7 @@ pub fn run_job(
     }
 
     let after = if has_eval {
-        let e = evaluate(&trainer.model, cx.enc, cx.comm, &eval_shard, eval_budget)?;
+        let e = evaluate(&trainer.model, cx.enc, cx.comm, &eval_shard, &eval_categories, eval_budget)?;
         tracing::info!(accuracy = e.accuracy, n = e.n, "evaluation after training");
         tm.set_accuracy("eval", e.accuracy);
         Some(e)
@@ -440,11 +441,11 @@ pub fn run_job(
     let final_ckpt = save(&trainer, step, &cursor)?;
     if let Some(r) = reporter.as_mut() {
         trainer.export_hf(&s.model, &s.output)?;
-        r.status.evaluation.after = after;
+        r.status.evaluation.after = after.clone();
         let mut p = r.status.status.progress.clone().unwrap_or_default();
         p.step = step as i64;
         p.total_steps = Some(total as i64);
-        if let Some(a) = after {
+        if let Some(a) = &after {
             p.accuracy = Some(a.accuracy);
         }
         if let Some(d) = final_ckpt {
