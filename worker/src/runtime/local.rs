@@ -503,8 +503,9 @@ fn run_job(
                     a.n
                 );
                 for (c, after) in &a.by_category {
-                    let before = b.by_category.get(c).map_or(0.0, |x| x.accuracy);
-                    eprintln!("  {c}: {:.1}% -> {:.1}% (n={})", 100.0 * before, 100.0 * after.accuracy, after.n);
+                    // A run resumed from an older checkpoint may lack the split of its first evaluation.
+                    let before = b.by_category.get(c).map_or("?".to_string(), |x| format!("{:.1}%", 100.0 * x.accuracy));
+                    eprintln!("  {c}: {before} -> {:.1}% (n={})", 100.0 * after.accuracy, after.n);
                 }
             }
             _ => eprintln!("{kind} {name}: Succeeded in {secs:.0}s"),
