@@ -157,8 +157,12 @@ impl BenchDevice {
     /// Measured device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written
     /// (as benches/torch_common.py's copy_bandwidth_gbps).
     pub fn copy_gbps(&self, bytes: usize) -> anyhow::Result<f64> {
-        let s = (self.copy)(bytes, self.timing.0.max(1), self.timing.1)?;
-        Ok(2.0 * bytes as f64 / s / 1e9)
+        Ok(copy_gbps(bytes, self.copy_seconds(bytes)?))
+    }
+
+    /// Median seconds of one device-to-device copy of `bytes`.
+    pub fn copy_seconds(&self, bytes: usize) -> anyhow::Result<f64> {
+        (self.copy)(bytes, self.timing.0.max(1), self.timing.1)
     }
 
     /// A tensor of `shape` with values uniform in [-scale, scale) on the device, in `dtype`.
@@ -215,6 +219,12 @@ pub fn random_host(shape: &[usize], scale: f32, seed: u64) -> anyhow::Result<Ten
         c.iter_mut().for_each(|x| *x = rng.random_range(-scale..scale));
     });
     Ok(Tensor::from_f32(shape, v)?)
+}
+
+/// Bandwidth of a copy of `bytes` taking `secs`: read + write, the same expression [`emit`] uses
+/// for `gbps`, so a copy line and the `copy_gbps` echoed on other lines agree to the bit.
+pub fn copy_gbps(bytes: usize, secs: f64) -> f64 {
+    2.0 * bytes as f64 / secs / 1e9
 }
 
 pub fn median(mut v: Vec<f64>) -> f64 {

@@ -6,7 +6,7 @@ use clap::Args as ClapArgs;
 use onevision_model::{AttnMask, AttnSpec, DType};
 use serde_json::json;
 
-use super::harness::{attn_flops, emit, segment_attn_flops, BenchDevice, BenchError, Common, ModelArgs, Work, VISION_HEADS, VISION_HEAD_DIM};
+use super::harness::{attn_flops, copy_gbps, emit, segment_attn_flops, BenchDevice, BenchError, Common, ModelArgs, Work, VISION_HEADS, VISION_HEAD_DIM};
 
 #[derive(Debug, ClapArgs)]
 pub struct AttentionArgs {
@@ -133,8 +133,10 @@ pub fn elementwise(a: ElementwiseArgs) -> anyhow::Result<()> {
     let dev = BenchDevice::open(&a.common)?;
     let be = dev.backend.as_ref();
     let copy_bytes = a.copy_mib << 20;
-    let copy = dev.copy_gbps(copy_bytes)?;
-    let copy_s = 2.0 * copy_bytes as f64 / (copy * 1e9);
+    // Seconds measured once; the bandwidth derived from them exactly as `emit` derives `gbps`
+    // (going back from GB/s to seconds would not round-trip to the bit).
+    let copy_s = dev.copy_seconds(copy_bytes)?;
+    let copy = copy_gbps(copy_bytes, copy_s);
     emit(&dev, "copy", json!({"bytes": copy_bytes}), copy_s, Some(Work::Bytes(2.0 * copy_bytes as f64)), json!({}));
 
     let (t, h, es) = (a.tokens, m.hidden, dev.act.size_in_bytes());
