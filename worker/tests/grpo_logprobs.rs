@@ -26,7 +26,7 @@ fn trainer_log_probs_of_sampled_image_completions_equal_the_samplers() {
         assert!(prompt.pixel_values.is_some(), "the fixture's prompts carry an image");
         let params = SamplingParams { max_new_tokens: 20, temperature: 1.0, seed: 11 + i as u64, ..Default::default() };
         for g in generate_group(&model, &prompt, 4, &params).unwrap() {
-            // What the GRPO loop trains on: the completion cut before any vision placeholder.
+            // What the GRPO loop trains on: the completion cut before any vision token id.
             let cut = g.token_ids.iter().position(|t| banned.contains(&Some(*t))).unwrap_or(g.token_ids.len());
             let mut input = prompt.clone();
             let prompt_len = input.input_ids.len();
