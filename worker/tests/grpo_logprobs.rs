@@ -6,6 +6,7 @@ mod runtime_common;
 
 use std::sync::Arc;
 
+use onevision::runtime::grpo::strip_vision_tokens;
 use onevision::training::{logprobs_of, Encoder, GrpoSample};
 use onevision_data::{Dataset, ReadOptions};
 use onevision_model::{generate_group, CpuBackend, DType, Qwen25Vl, SamplingParams};
@@ -16,8 +17,6 @@ fn trainer_log_probs_of_sampled_image_completions_equal_the_samplers() {
     let fx = Fixture::new(4, 1);
     let enc = Encoder::from_dir(fx.model()).unwrap();
     let model = Qwen25Vl::load(fx.model(), Arc::new(CpuBackend::new()), DType::F32).unwrap();
-    let c = &model.config;
-    let banned = [Some(c.image_token_id), c.video_token_id, Some(c.vision_start_token_id), c.vision_end_token_id];
     let data = Dataset::open(fx.train(), &ReadOptions::default()).unwrap();
     let mut batch = Vec::new();
     let mut sampled = Vec::new();
@@ -25,14 +24,14 @@ fn trainer_log_probs_of_sampled_image_completions_equal_the_samplers() {
         let prompt = enc.encode_prompt(&data.get(i).unwrap()).unwrap();
         assert!(prompt.pixel_values.is_some(), "the fixture's prompts carry an image");
         let params = SamplingParams { max_new_tokens: 20, temperature: 1.0, seed: 11 + i as u64, ..Default::default() };
-        for g in generate_group(&model, &prompt, 4, &params).unwrap() {
+        for mut g in generate_group(&model, &prompt, 4, &params).unwrap() {
             // What the GRPO loop trains on: the completion cut before any vision token id.
-            let cut = g.token_ids.iter().position(|t| banned.contains(&Some(*t))).unwrap_or(g.token_ids.len());
+            strip_vision_tokens(&model, &mut g);
             let mut input = prompt.clone();
             let prompt_len = input.input_ids.len();
-            input.input_ids.extend_from_slice(&g.token_ids[..cut]);
+            input.input_ids.extend_from_slice(&g.token_ids);
             batch.push(GrpoSample { input, prompt_len, old_logp: None, ref_logp: None, advantage: 1.0 });
-            sampled.push(g.logprobs[..cut].to_vec());
+            sampled.push(g.logprobs);
         }
     }
     assert!(sampled.iter().map(Vec::len).sum::<usize>() >= 100, "too few sampled tokens to compare");
