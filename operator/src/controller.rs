@@ -649,8 +649,24 @@ pub async fn run_controllers(
         _ = &mut all => {}
         _ = shutdown => {
             let _ = tx.send(());
-            all.await;
+            let t0 = Instant::now();
+            // The controllers finish the reconciles in flight, but the whole shutdown must fit
+            // the pod's termination grace period (30 s): a reconcile stuck on a slow API server is
+            // abandoned. That is safe, reconciles are level-triggered and the next leader redoes it.
+            match tokio::time::timeout(CONTROLLER_DRAIN, all).await {
+                Ok(_) => tracing::info!(
+                    elapsed_ms = t0.elapsed().as_millis() as u64,
+                    "controllers stopped"
+                ),
+                Err(_) => tracing::warn!(
+                    "reconciles still running {}s after shutdown; abandoning them",
+                    CONTROLLER_DRAIN.as_secs()
+                ),
+            }
         }
     }
     ctx.metrics.set_ready(false);
 }
+
+/// How long a shutdown waits for the reconciles in flight.
+pub const CONTROLLER_DRAIN: Duration = Duration::from_secs(5);

@@ -66,8 +66,25 @@ async fn shutdown_signal() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// How long leaving the process may wait for stray blocking tasks once everything has stopped.
+const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(2);
+/// How long releasing the leader Lease may take at shutdown (the next leader otherwise waits for
+/// it to expire).
+const LEASE_RELEASE: Duration = Duration::from_secs(5);
+
+fn main() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let result = runtime.block_on(async_main());
+    // Dropping a runtime waits without limit for its blocking tasks; an exit must stay inside the
+    // pod's termination grace period whatever a library left running.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
+    result
+}
+
+async fn async_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Crds => {
@@ -196,7 +213,7 @@ async fn run(
         }
         // Dropping the receivers makes the lease task release the Lease and exit.
         drop(leader);
-        match tokio::time::timeout(Duration::from_secs(10), lease_task).await {
+        match tokio::time::timeout(LEASE_RELEASE, lease_task).await {
             Ok(Ok(Ok(_))) => tracing::info!("released the Lease"),
             Ok(Ok(Err(e))) => tracing::warn!(error = %e, "releasing the Lease failed"),
             Ok(Err(e)) => tracing::warn!(error = %e, "lease task failed"),
@@ -206,6 +223,12 @@ async fn run(
             anyhow::bail!("lost leadership of Lease {lease_ns}/{lease_name}; exiting so a fresh replica can campaign");
         }
     }
-    let _ = server.await;
+    // Graceful: it stopped accepting at the signal and finishes the requests in flight.
+    if tokio::time::timeout(Duration::from_secs(2), server)
+        .await
+        .is_err()
+    {
+        tracing::warn!("metrics server still busy 2s after shutdown; leaving it");
+    }
     Ok(())
 }

@@ -108,6 +108,9 @@ pub fn workspace_binary(package: &str, bin: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Lines of a process's log quoted in a stop error.
+const LOG_TAIL_LINES: usize = 40;
+
 /// A child process whose stdout and stderr go to a log file. Its stdin is a pipe that stays
 /// open while this handle lives: programs that watch stdin (the node agent does) shut down
 /// cleanly when the test process dies. Dropping the handle stops the process.
@@ -162,6 +165,19 @@ impl BackgroundProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The last `n` lines of the log, on lines of their own after a header: the log file lives in
+    /// a temporary directory that is gone by the time anyone reads a CI failure.
+    fn log_tail(&self, n: usize) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(n)..];
+        format!(
+            "\n--- last {} lines of the log ---\n{}",
+            tail.len(),
+            tail.join("\n")
+        )
+    }
+
     pub fn pid(&self) -> u32 {
         self.lock().id()
     }
@@ -180,9 +196,10 @@ impl BackgroundProcess {
                 Ok(())
             } else {
                 Err(Error::Other(format!(
-                    "{} had exited with {status}; log: {}",
+                    "{} had exited with {status}; log: {}{}",
                     self.name,
-                    self.log.display()
+                    self.log.display(),
+                    self.log_tail(LOG_TAIL_LINES)
                 )))
             };
         }
@@ -199,9 +216,10 @@ impl BackgroundProcess {
         let _ = child.kill();
         let _ = child.wait();
         Err(Error::Other(format!(
-            "{} ignored SIGTERM for {grace:?} and was killed; log: {}",
+            "{} ignored SIGTERM for {grace:?} and was killed; log: {}{}",
             self.name,
-            self.log.display()
+            self.log.display(),
+            self.log_tail(LOG_TAIL_LINES)
         )))
     }
 
