@@ -497,6 +497,25 @@ pub struct GrpoSpec {
     /// Normalise advantages by the group's reward standard deviation.
     #[serde(default = "yes")]
     pub scale_rewards: bool,
+    /// DAPO dynamic sampling: drop prompt groups whose completions all got the same reward (they
+    /// carry no gradient) and sample fresh prompts until the batch is full again. Present = on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dynamic_sampling: Option<DynamicSampling>,
+}
+
+/// `grpo.dynamicSampling` (DAPO, verl's `filter_groups`).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DynamicSampling {
+    /// Sampling rounds per step at most, the first included. A step still short of groups after
+    /// the last round trains on the groups it has (logged), rather than failing the job.
+    #[serde(default = "default_max_rounds")]
+    #[schemars(range(min = 1, max = 64))]
+    pub max_rounds: i32,
+}
+
+fn default_max_rounds() -> i32 {
+    4
 }
 
 fn default_clip() -> f64 {

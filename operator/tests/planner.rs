@@ -105,6 +105,7 @@ fn grpo(name: &str, replicas: i32) -> GRPOJob {
                 iterations_per_batch: 1,
                 max_staleness: 0,
                 scale_rewards: true,
+                dynamic_sampling: None,
             },
             hyperparameters: s.spec.hyperparameters,
             eval: EvalSpec::default(),

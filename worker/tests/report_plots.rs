@@ -33,6 +33,7 @@ fn grpo_run(steps: u64) -> String {
                 entropy: 0.7,
                 response_length: 120.0,
                 zero_advantage_fraction: 0.2,
+                sampling_rounds: 1.0,
             }),
         };
         out.push_str(&m.to_json().to_string());

@@ -95,6 +95,7 @@ fn run_writes_metrics_status_checkpoints_and_models_for_sft_then_grpo() {
         assert!(len > 0.0 && len <= 24.0, "{x}");
         let z = x["zero_advantage_fraction"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&z));
+        assert_eq!(x["sampling_rounds"], 1.0, "no dynamic sampling, one round: {x}");
         assert!((0.0..=1.5).contains(&x["reward"].as_f64().unwrap()));
     }
     let st = json(&grpo.join("status.json"));
@@ -154,6 +155,38 @@ fn grpo_with_rollout_workers_generates_remotely_and_pushes_each_version() {
         let log = std::fs::read_to_string(dir.join(format!("logs/tiny-grpo-rollout-{i}.log"))).unwrap();
         assert!(log.contains("version=2"), "worker {i} never got version 2:\n{log}");
     }
+    assert_eq!(json(&dir.join("status.json"))["phase"], "Succeeded");
+}
+
+/// DAPO dynamic sampling on the untrained model: no completion is correct or well-formed, so every
+/// group's rewards are all 0 — no spread. Each step samples `maxRounds` rounds of fresh prompts,
+/// drops every group, warns, and trains on nothing (zero loss and gradient); the job still succeeds.
+#[test]
+fn dynamic_sampling_refills_up_to_max_rounds_and_drops_groups_without_a_spread() {
+    let fx = Fixture::new(16, 2);
+    let manifest = fx.path().join("dyn.yaml");
+    let text = MANIFEST
+        .split("---")
+        .next()
+        .unwrap()
+        .replace("{fromSFTJob: tiny-sft}", "{path: /data/model}")
+        .replace("klBeta: 0.04,", "klBeta: 0.0, dynamicSampling: {maxRounds: 3},")
+        .replace("maxSteps: 3", "maxSteps: 2");
+    std::fs::write(&manifest, text).unwrap();
+    let work = fx.path().join("work");
+    let out = onevision_run(&manifest, &work, fx.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dir = work.join("tiny-grpo");
+    let m = metrics(&dir.join("metrics.jsonl"));
+    assert_eq!(m.len(), 2);
+    for x in &m {
+        assert_eq!(x["reward"], 0.0, "the untrained model earned a reward, pick another fixture: {x}");
+        assert_eq!(x["sampling_rounds"], 3.0, "{x}");
+        assert_eq!(x["zero_advantage_fraction"], 1.0, "{x}");
+        assert_eq!((x["loss"].as_f64(), x["grad_norm"].as_f64()), (Some(0.0), Some(0.0)), "dropped groups were trained on: {x}");
+    }
+    let log = std::fs::read_to_string(dir.join("logs/tiny-grpo-trainer-0.log")).unwrap();
+    assert_eq!(log.matches("dynamic sampling: too few prompt groups").count(), 2, "{log}");
     assert_eq!(json(&dir.join("status.json"))["phase"], "Succeeded");
 }
 

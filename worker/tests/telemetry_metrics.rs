@@ -86,6 +86,7 @@ fn grpo_step(step: u64) -> StepMetrics {
             entropy: 0.75,
             response_length: 212.0,
             zero_advantage_fraction: 0.25,
+            sampling_rounds: 1.5,
         }),
     }
 }
@@ -132,6 +133,7 @@ fn a_grpo_step_is_exported_with_its_values_and_job_labels() {
     assert_eq!(value(&s, "onevision_trainer_entropy", &j), 0.75);
     assert_eq!(value(&s, "onevision_trainer_response_length_tokens", &j), 212.0);
     assert_eq!(value(&s, "onevision_trainer_zero_advantage_fraction_ratio", &j), 0.25);
+    assert_eq!(value(&s, "onevision_trainer_sampling_rounds", &j), 1.5);
     assert_eq!(value(&s, "onevision_trainer_accuracy_ratio", &[("split", "train")]), 0.625);
     assert_eq!(value(&s, "onevision_trainer_reward_mean", &[("reward", "format")]), 1.0);
     assert_eq!(value(&s, "onevision_trainer_reward_mean", &[("reward", "total")]), 1.625);

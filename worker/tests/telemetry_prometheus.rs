@@ -148,6 +148,7 @@ fn simulate(t: &Telemetry, tick: u64) {
             entropy: 0.6,
             response_length: 180.0,
             zero_advantage_fraction: 0.1,
+            sampling_rounds: 1.0,
         }),
     });
     trainer.set_rollout_workers(2);

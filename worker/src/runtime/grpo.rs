@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use onevision_data::{Dataset, Sample};
 use onevision_model::{generate_group, Generation, PromptInput, Qwen25Vl, SamplingParams};
-use onevision_rewards::{AccuracyReward, Reward, RewardRegistry, RewardRequest, WeightedReward};
+use onevision_rewards::{AccuracyReward, Reward, RewardRegistry, RewardRequest, RewardScores, WeightedReward};
 use onevision_proto::v1;
 use onevision_train::{group_advantages, Aggregation, TensorMap};
 
@@ -234,33 +234,72 @@ fn completion_text(cx: &LoopCtx<'_>, g: &Generation) -> Result<String> {
     cx.enc.processor().decode(ids, true).map_err(|e| RuntimeError::Training(TrainingError::Preprocess(e)))
 }
 
-impl TrainStep for GrpoStep<'_> {
-    fn step(&mut self, cx: &mut LoopCtx<'_>, trainer: &mut Trainer, batch: &[usize]) -> Result<StepReport> {
-        let g = &self.g;
-        let t0 = Instant::now();
-        let mut t_sync_start = 0.0;
+/// One sampling round of a step: prompts, their groups of completions, and the scores.
+struct Round {
+    prompts: Vec<PromptInput>,
+    groups: Vec<Vec<Generation>>,
+    /// Group (index into `groups`) of each completion, completion order.
+    group_of: Vec<usize>,
+    scores: RewardScores,
+    /// Accuracy reward per completion, when every sample has a ground truth.
+    acc: Option<Vec<f64>>,
+}
+
+impl Round {
+    /// Per group: do its completions' rewards differ (a group of one never does)?
+    fn spread(&self) -> Vec<bool> {
+        let mut first: Vec<Option<f64>> = vec![None; self.groups.len()];
+        let mut spread = vec![false; self.groups.len()];
+        for (&gi, &r) in self.group_of.iter().zip(&self.scores.total) {
+            match first[gi] {
+                None => first[gi] = Some(r),
+                Some(f) if f != r => spread[gi] = true,
+                Some(_) => {}
+            }
+        }
+        spread
+    }
+}
+
+/// Which groups of which round a step trains on, given whether each has a reward spread. Without
+/// dynamic sampling: all of them. With it (DAPO): the first `target` groups with a spread, in
+/// sampling order; groups without one carry no gradient (zero advantage) and are dropped.
+pub fn pick_groups(spread: &[Vec<bool>], target: usize, dynamic: bool) -> Vec<Vec<bool>> {
+    let mut left = target;
+    spread
+        .iter()
+        .map(|round| {
+            round
+                .iter()
+                .map(|&s| {
+                    let keep = !dynamic || (s && left > 0);
+                    left -= usize::from(dynamic && keep);
+                    keep
+                })
+                .collect()
+        })
+        .collect()
+}
+
+impl GrpoStep<'_> {
+    /// Samples `G` completions for each of `batch` (positions in the train split) and scores them.
+    fn sample_round(
+        &mut self,
+        cx: &LoopCtx<'_>,
+        trainer: &Trainer,
+        batch: &[usize],
+        params: &SamplingParams,
+    ) -> Result<Round> {
         let samples: Vec<Sample> = batch
             .iter()
             .map(|&i| self.data.get(self.train_index[i]))
             .collect::<std::result::Result<_, _>>()?;
         let prompts = samples.iter().map(|s| cx.enc.encode_prompt(s)).collect::<std::result::Result<Vec<_>, _>>()?;
-        let params = SamplingParams {
-            max_new_tokens: g.max_new_tokens,
-            temperature: g.temperature as f32,
-            top_p: g.top_p as f32,
-            seed: mix(self.seed ^ mix(cx.step.wrapping_mul(1 << 20) + cx.comm.rank() as u64)),
-            ..Default::default()
-        };
-        // A resumed run's workers still hold the starting checkpoint: bring them up to date.
-        t_sync_start += self.source.publish(cx, trainer, trainer.step())?;
         let mut groups = phase_span(Phase::RolloutWait)
-            .in_scope(|| self.source.generate(cx, &trainer.model, &prompts, g.group_size, &params))?;
+            .in_scope(|| self.source.generate(cx, &trainer.model, &prompts, self.g.group_size, params))?;
         for gen in groups.iter_mut().flatten() {
             strip_vision_tokens(&trainer.model, gen);
         }
-        let t_rollout = t0.elapsed().as_secs_f64() - t_sync_start;
-
-        // Rewards and group-relative advantages (a group never spans ranks).
         let mut reqs = Vec::new();
         let mut group_of = Vec::new();
         for (si, (s, gens)) in samples.iter().zip(&groups).enumerate() {
@@ -277,43 +316,103 @@ impl TrainStep for GrpoStep<'_> {
         }
         let scores = self.reward.score(&reqs)?;
         let acc = if reqs.iter().all(|r| r.answer.is_some()) { Some(self.accuracy.score_batch(&reqs)?) } else { None };
-        let adv = group_advantages(&scores.total, &group_of, g.loss.scale_rewards, false)
-            .map_err(|e| RuntimeError::Training(e.into()))?;
+        Ok(Round { prompts, groups, group_of, scores, acc })
+    }
 
-        let mut all = Vec::with_capacity(reqs.len());
-        let mut k = 0;
-        for (si, gens) in groups.iter().enumerate() {
-            for gen in gens {
-                let mut input = prompts[si].clone();
-                let prompt_len = input.input_ids.len();
-                input.input_ids.extend_from_slice(&gen.token_ids);
-                all.push(GrpoSample { input, prompt_len, old_logp: None, ref_logp: None, advantage: adv.advantages[k] });
-                k += 1;
+    /// Fresh prompts for refill round `round` (≥ 1) of a step: `n` positions drawn from the whole
+    /// train split, seeded by (seed, step, rank, round) so a resumed run draws the same ones.
+    fn refill_batch(&self, step: u64, rank: usize, round: usize, n: usize) -> Vec<usize> {
+        let len = self.train_index.len().max(1) as u64;
+        let base = mix(self.seed ^ mix(step.wrapping_mul(1 << 20) + rank as u64) ^ mix(round as u64));
+        (0..n as u64).map(|j| (mix(base.wrapping_add(j)) % len) as usize).collect()
+    }
+}
+
+impl TrainStep for GrpoStep<'_> {
+    fn step(&mut self, cx: &mut LoopCtx<'_>, trainer: &mut Trainer, batch: &[usize]) -> Result<StepReport> {
+        let t0 = Instant::now();
+        let mut t_sync_start = 0.0;
+        let base_seed = mix(self.seed ^ mix(cx.step.wrapping_mul(1 << 20) + cx.comm.rank() as u64));
+        let (max_new_tokens, temperature, top_p) = (self.g.max_new_tokens, self.g.temperature as f32, self.g.top_p as f32);
+        let params = |seed: u64| SamplingParams { max_new_tokens, temperature, top_p, seed, ..Default::default() };
+        // A resumed run's workers still hold the starting checkpoint: bring them up to date.
+        t_sync_start += self.source.publish(cx, trainer, trainer.step())?;
+
+        // Sample, score, and (dynamic sampling) refill until this rank has `batch.len()` groups
+        // with a reward spread or the rounds run out. Rounds are per rank: no collective inside.
+        let target = batch.len();
+        let max_rounds = self.g.max_sampling_rounds.unwrap_or(1).max(1);
+        let mut rounds = vec![self.sample_round(cx, trainer, batch, &params(base_seed))?];
+        let informative = |r: &Round| r.spread().iter().filter(|&&x| x).count();
+        if self.g.loss.dynamic_sampling {
+            let mut have = informative(&rounds[0]);
+            while have < target && rounds.len() < max_rounds {
+                let round = rounds.len();
+                let more = self.refill_batch(cx.step, cx.comm.rank(), round, target);
+                let r = self.sample_round(cx, trainer, &more, &params(mix(base_seed ^ mix(round as u64))))?;
+                have += informative(&r);
+                rounds.push(r);
+            }
+            if have < target {
+                tracing::warn!(
+                    step = cx.step,
+                    groups = have,
+                    wanted = target,
+                    rounds = rounds.len(),
+                    "dynamic sampling: too few prompt groups with a reward spread after grpo.dynamicSampling.maxRounds; training on those"
+                );
             }
         }
-        // Global statistics of the rollouts (once per step).
-        let n_groups = groups.len();
-        let zero_groups = (0..n_groups)
-            .filter(|&gi| {
-                let r: Vec<f64> = group_of.iter().zip(&scores.total).filter(|(g, _)| **g == gi).map(|(_, r)| *r).collect();
-                r.windows(2).all(|w| w[0] == w[1])
-            })
-            .count();
+        let t_rollout = t0.elapsed().as_secs_f64() - t_sync_start;
+
+        // Group-relative advantages (a group never spans ranks). Dynamic sampling keeps the
+        // groups with a spread, in sampling order, up to `target`; the rest train on every group.
+        let g = &self.g;
+        let spread: Vec<Vec<bool>> = rounds.iter().map(Round::spread).collect();
+        let picked = pick_groups(&spread, target, g.loss.dynamic_sampling);
+        let mut all = Vec::new();
+        for (r, keep_round) in rounds.iter().zip(&picked) {
+            let adv = group_advantages(&r.scores.total, &r.group_of, g.loss.scale_rewards, false)
+                .map_err(|e| RuntimeError::Training(e.into()))?;
+            let mut k = 0;
+            for (si, gens) in r.groups.iter().enumerate() {
+                let keep = keep_round[si];
+                for gen in gens {
+                    if keep {
+                        let mut input = r.prompts[si].clone();
+                        let prompt_len = input.input_ids.len();
+                        input.input_ids.extend_from_slice(&gen.token_ids);
+                        all.push(GrpoSample { input, prompt_len, old_logp: None, ref_logp: None, advantage: adv.advantages[k] });
+                    }
+                    k += 1;
+                }
+            }
+        }
+
+        // Global statistics of everything sampled this step (all rounds; once per step).
+        let sampled = || rounds.iter().flat_map(|r| r.groups.iter().flatten());
+        let n_groups: usize = rounds.iter().map(|r| r.groups.len()).sum();
+        let zero_groups = n_groups - spread.iter().flatten().filter(|&&x| x).count();
+        let totals = || rounds.iter().flat_map(|r| r.scores.total.iter().copied());
+        let has_acc = rounds.iter().all(|r| r.acc.is_some());
         let mut st = vec![
-            all.len() as f64,
-            all.iter().map(|x| x.completion_len() as f64).sum(),
+            sampled().count() as f64,
+            sampled().map(|x| x.token_ids.len() as f64).sum(),
             zero_groups as f64,
             n_groups as f64,
-            acc.as_ref().map_or(0.0, |a| a.iter().sum()),
-            scores.total.iter().sum(),
-            scores.total.iter().map(|x| x * x).sum(),
+            rounds.iter().filter_map(|r| r.acc.as_ref()).flatten().sum(),
+            totals().sum(),
+            totals().map(|x| x * x).sum(),
+            rounds.len() as f64,
         ];
-        for (_, c) in &scores.components {
-            st.push(c.iter().sum());
-            st.push(c.iter().map(|x| x * x).sum());
+        for (ci, _) in rounds[0].scores.components.iter().enumerate() {
+            let comp = || rounds.iter().flat_map(|r| r.scores.components[ci].1.iter().copied());
+            st.push(comp().sum());
+            st.push(comp().map(|x| x * x).sum());
         }
         let counts_at = st.len();
-        // Loss denominators over every completion of every rank (zero-advantage ones included).
+        // Loss denominators over every trained completion of every rank (zero-advantage ones
+        // included; groups dropped by dynamic sampling are not trained on).
         st.push(all.iter().filter(|x| x.completion_len() > 0).count() as f64);
         st.push(all.iter().map(|x| x.completion_len() as f64).sum());
         all_reduce_scalars(cx.comm, &mut st)?;
@@ -396,10 +495,10 @@ impl TrainStep for GrpoStep<'_> {
         let (total_mean, total_std) = stats(st[5], st[6]);
         let mut rewards = vec![RewardStats { name: "total".into(), mean: total_mean, std: total_std }];
         for (i, name) in self.reward_names.iter().enumerate() {
-            let (m, s) = stats(st[7 + 2 * i], st[8 + 2 * i]);
+            let (m, s) = stats(st[8 + 2 * i], st[9 + 2 * i]);
             rewards.push(RewardStats { name: name.clone(), mean: m, std: s });
         }
-        let accuracy = acc.as_ref().map(|_| st[4] / n);
+        let accuracy = has_acc.then(|| st[4] / n);
         let metrics = StepMetrics {
             step: applied.step,
             total_steps: cx.total_steps,
@@ -424,8 +523,33 @@ impl TrainStep for GrpoStep<'_> {
                 entropy: extra_sum[3] as f64 / tok,
                 response_length: st[1] / n,
                 zero_advantage_fraction: st[2] / st[3].max(1.0),
+                sampling_rounds: st[7] / cx.comm.world_size().max(1) as f64,
             }),
         };
         Ok(StepReport { metrics, reward: Some(total_mean), accuracy })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pick_groups;
+
+    #[test]
+    fn without_dynamic_sampling_every_group_trains() {
+        let spread = vec![vec![false, true, false]];
+        assert_eq!(pick_groups(&spread, 3, false), vec![vec![true, true, true]]);
+    }
+
+    #[test]
+    fn dynamic_sampling_keeps_the_first_groups_with_a_spread_up_to_the_target() {
+        // Round 0 has one informative group, the refill two more: the batch of 2 takes round 0's
+        // and the first of round 1's, in sampling order.
+        let spread = vec![vec![false, true, false], vec![true, false, true]];
+        assert_eq!(pick_groups(&spread, 2, true), vec![vec![false, true, false], vec![true, false, false]]);
+        // Too few after the last round: train on those there are.
+        let spread = vec![vec![false, false], vec![false, true]];
+        assert_eq!(pick_groups(&spread, 2, true), vec![vec![false, false], vec![false, true]]);
+        // None at all: nothing trains.
+        assert_eq!(pick_groups(&[vec![false, false]], 2, true), vec![vec![false, false]]);
     }
 }

@@ -56,6 +56,8 @@ pub struct GrpoSettings {
     pub max_staleness: u64,
     /// Rollout workers the job asked for; 0 = the trainer ranks generate themselves.
     pub rollout_replicas: usize,
+    /// `grpo.dynamicSampling.maxRounds` when dynamic sampling is on (`loss.dynamic_sampling`).
+    pub max_sampling_rounds: Option<usize>,
 }
 
 fn bad(msg: String) -> RuntimeError {
@@ -166,7 +168,14 @@ fn grpo_settings(g: &GrpoSpec, replicas: i32, global_batch: i32) -> Result<GrpoS
             LossAggregation::SeqMeanTokenSum => Aggregation::DrGrpo { max_len: max_new_tokens },
         },
         scale_rewards: g.scale_rewards,
-        dynamic_sampling: false,
+        dynamic_sampling: g.dynamic_sampling.is_some(),
+    };
+    let max_sampling_rounds = match &g.dynamic_sampling {
+        Some(d) if d.max_rounds < 1 => {
+            return Err(bad(format!("grpo.dynamicSampling.maxRounds must be ≥ 1, got {}", d.max_rounds)))
+        }
+        Some(d) => Some(d.max_rounds as usize),
+        None => None,
     };
     Ok(GrpoSettings {
         group_size: g.group_size as usize,
@@ -182,5 +191,6 @@ fn grpo_settings(g: &GrpoSpec, replicas: i32, global_batch: i32) -> Result<GrpoS
         iterations: g.iterations_per_batch.max(1) as usize,
         max_staleness: g.max_staleness.max(0) as u64,
         rollout_replicas: replicas.max(0) as usize,
+        max_sampling_rounds,
     })
 }

@@ -131,8 +131,12 @@ pub struct GrpoMetrics {
     pub entropy: f64,
     /// Mean completion length in tokens.
     pub response_length: f64,
-    /// Fraction of groups whose rewards are all equal (zero advantage, no gradient signal).
+    /// Fraction of groups whose rewards are all equal (zero advantage, no gradient signal), over
+    /// every group sampled in the step.
     pub zero_advantage_fraction: f64,
+    /// Prompt-sampling rounds of the step, mean over ranks: 1, or more when
+    /// `grpo.dynamicSampling` refilled the batch.
+    pub sampling_rounds: f64,
 }
 
 /// Everything one optimizer step reports. Fields the step does not know stay at their default
@@ -158,7 +162,7 @@ impl StepMetrics {
     /// `learning_rate`, `grad_norm`, `tokens_per_second`, `samples_per_second`, `mfu`,
     /// `time/<phase>`, and for GRPO `reward` (the `total` reward, else the mean over reward
     /// functions), `reward/<name>`, `reward_std/<name>`, `accuracy`, `kl`, `clip_fraction`,
-    /// `entropy`, `response_length`, `zero_advantage_fraction`.
+    /// `entropy`, `response_length`, `zero_advantage_fraction`, `sampling_rounds`.
     pub fn to_json(&self) -> Value {
         let mut m = Map::new();
         m.insert("step".into(), json!(self.step));
@@ -192,6 +196,7 @@ impl StepMetrics {
             m.insert("entropy".into(), json!(g.entropy));
             m.insert("response_length".into(), json!(g.response_length));
             m.insert("zero_advantage_fraction".into(), json!(g.zero_advantage_fraction));
+            m.insert("sampling_rounds".into(), json!(g.sampling_rounds));
         }
         Value::Object(m)
     }
@@ -217,6 +222,7 @@ struct TrainerFamilies {
     entropy: Family<JobLabels, GaugeF>,
     response_length: Family<JobLabels, GaugeF>,
     zero_advantage_fraction: Family<JobLabels, GaugeF>,
+    sampling_rounds: Family<JobLabels, GaugeF>,
     rollout_workers: Family<JobLabels, Gauge>,
     memory: Family<MemoryLabels, Gauge>,
     last_checkpoint: Family<JobLabels, Gauge>,
@@ -308,6 +314,11 @@ impl Telemetry {
                 "zero_advantage_fraction_ratio",
                 "Fraction of prompt groups with identical rewards (no learning signal)",
                 t.zero_advantage_fraction.clone(),
+            );
+            reg.register(
+                "sampling_rounds",
+                "Prompt-sampling rounds of the last GRPO step, mean over ranks (above 1 when grpo.dynamicSampling refilled the batch)",
+                t.sampling_rounds.clone(),
             );
             reg.register("rollout_workers", "Rollout workers registered and healthy", t.rollout_workers.clone());
             reg.register("memory_bytes", "Memory in use, by area (host_rss, device)", t.memory.clone());
@@ -418,6 +429,7 @@ impl TrainerMetrics {
             self.f.entropy.get_or_create(j).set(g.entropy);
             self.f.response_length.get_or_create(j).set(g.response_length);
             self.f.zero_advantage_fraction.get_or_create(j).set(g.zero_advantage_fraction);
+            self.f.sampling_rounds.get_or_create(j).set(g.sampling_rounds);
         }
     }
 
