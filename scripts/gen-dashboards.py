@@ -86,6 +86,7 @@ TRAINING = grid([
         (f"onevision_trainer_grad_norm{{{SEL}}}", "grad norm")], "short"),
     ("Progress", [(f"onevision_trainer_step{{{SEL}}} / onevision_trainer_total_steps{{{SEL}}}", "{{job_name}}")], "percentunit"),
     ("Checkpoint age", [(f"time() - onevision_trainer_last_checkpoint_timestamp_seconds{{{SEL}}}", "{{job_name}}")], "s"),
+    ("Sampling rounds per step (grpo.dynamicSampling)", [(f"onevision_trainer_sampling_rounds{{{SEL}}}", "{{job_name}}")], "short"),
 ])
 
 ROLLOUT = grid([
