@@ -129,24 +129,26 @@ fn run_fails_with_a_clear_message_and_a_failed_status_on_missing_data() {
     assert!(st["conditions"].as_array().unwrap().iter().any(|c| c["type"] == "Failed" && c["reason"] == "PermanentError"), "{st}");
 }
 
-#[test]
-fn grpo_with_rollout_workers_generates_remotely_and_pushes_each_version() {
-    let fx = Fixture::new(16, 4);
-    let manifest = fx.path().join("pool.yaml");
-    let text = MANIFEST
-        .split("---")
-        .next()
-        .unwrap()
-        .replace("{fromSFTJob: tiny-sft}", "{path: /data/model}")
-        .replace("replicas: 0", "replicas: 2")
-        .replace("maxSteps: 3", "maxSteps: 2");
-    std::fs::write(&manifest, text).unwrap();
+/// Runs MANIFEST's GRPOJob alone for 2 steps from the untrained model, with `edit` applied to its
+/// text; asserts it succeeded. Returns the job's directory and its metrics.
+fn run_grpo_alone(fx: &Fixture, edit: impl Fn(String) -> String) -> (std::path::PathBuf, Vec<serde_json::Value>) {
+    let manifest = fx.path().join("grpo.yaml");
+    let text = MANIFEST.split("---").next().unwrap().replace("{fromSFTJob: tiny-sft}", "{path: /data/model}").replace("maxSteps: 3", "maxSteps: 2");
+    std::fs::write(&manifest, edit(text)).unwrap();
     let work = fx.path().join("work");
     let out = onevision_run(&manifest, &work, fx.path()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let dir = work.join("tiny-grpo");
     let m = metrics(&dir.join("metrics.jsonl"));
     assert_eq!(m.len(), 2);
+    assert_eq!(json(&dir.join("status.json"))["phase"], "Succeeded");
+    (dir, m)
+}
+
+#[test]
+fn grpo_with_rollout_workers_generates_remotely_and_pushes_each_version() {
+    let fx = Fixture::new(16, 4);
+    let (dir, m) = run_grpo_alone(&fx, |t| t.replace("replicas: 0", "replicas: 2"));
     assert!(m.iter().all(|x| x["time/weight_sync"].as_f64().unwrap() > 0.0), "no weight sync recorded");
     // Both workers served (registered) and received every version the trainer produced.
     let trainer_log = std::fs::read_to_string(dir.join("logs/tiny-grpo-trainer-0.log")).unwrap();
@@ -155,7 +157,6 @@ fn grpo_with_rollout_workers_generates_remotely_and_pushes_each_version() {
         let log = std::fs::read_to_string(dir.join(format!("logs/tiny-grpo-rollout-{i}.log"))).unwrap();
         assert!(log.contains("version=2"), "worker {i} never got version 2:\n{log}");
     }
-    assert_eq!(json(&dir.join("status.json"))["phase"], "Succeeded");
 }
 
 /// DAPO dynamic sampling on the untrained model: no completion is correct or well-formed, so every
@@ -164,21 +165,7 @@ fn grpo_with_rollout_workers_generates_remotely_and_pushes_each_version() {
 #[test]
 fn dynamic_sampling_refills_up_to_max_rounds_and_drops_groups_without_a_spread() {
     let fx = Fixture::new(16, 2);
-    let manifest = fx.path().join("dyn.yaml");
-    let text = MANIFEST
-        .split("---")
-        .next()
-        .unwrap()
-        .replace("{fromSFTJob: tiny-sft}", "{path: /data/model}")
-        .replace("klBeta: 0.04,", "klBeta: 0.0, dynamicSampling: {maxRounds: 3},")
-        .replace("maxSteps: 3", "maxSteps: 2");
-    std::fs::write(&manifest, text).unwrap();
-    let work = fx.path().join("work");
-    let out = onevision_run(&manifest, &work, fx.path()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let dir = work.join("tiny-grpo");
-    let m = metrics(&dir.join("metrics.jsonl"));
-    assert_eq!(m.len(), 2);
+    let (dir, m) = run_grpo_alone(&fx, |t| t.replace("klBeta: 0.04,", "klBeta: 0.0, dynamicSampling: {maxRounds: 3},"));
     for x in &m {
         assert_eq!(x["reward"], 0.0, "the untrained model earned a reward, pick another fixture: {x}");
         assert_eq!(x["sampling_rounds"], 3.0, "{x}");
@@ -187,7 +174,6 @@ fn dynamic_sampling_refills_up_to_max_rounds_and_drops_groups_without_a_spread()
     }
     let log = std::fs::read_to_string(dir.join("logs/tiny-grpo-trainer-0.log")).unwrap();
     assert_eq!(log.matches("dynamic sampling: too few prompt groups").count(), 2, "{log}");
-    assert_eq!(json(&dir.join("status.json"))["phase"], "Succeeded");
 }
 
 #[test]
