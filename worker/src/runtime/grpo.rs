@@ -238,27 +238,13 @@ fn completion_text(cx: &LoopCtx<'_>, g: &Generation) -> Result<String> {
 struct Round {
     prompts: Vec<PromptInput>,
     groups: Vec<Vec<Generation>>,
-    /// Group (index into `groups`) of each completion, completion order.
-    group_of: Vec<usize>,
     scores: RewardScores,
     /// Accuracy reward per completion, when every sample has a ground truth.
     acc: Option<Vec<f64>>,
-}
-
-impl Round {
+    /// Group-relative advantage per completion.
+    advantages: Vec<f64>,
     /// Per group: do its completions' rewards differ (a group of one never does)?
-    fn spread(&self) -> Vec<bool> {
-        let mut first: Vec<Option<f64>> = vec![None; self.groups.len()];
-        let mut spread = vec![false; self.groups.len()];
-        for (&gi, &r) in self.group_of.iter().zip(&self.scores.total) {
-            match first[gi] {
-                None => first[gi] = Some(r),
-                Some(f) if f != r => spread[gi] = true,
-                Some(_) => {}
-            }
-        }
-        spread
-    }
+    spread: Vec<bool>,
 }
 
 /// Which groups of which round a step trains on, given whether each has a reward spread. Without
@@ -316,14 +302,22 @@ impl GrpoStep<'_> {
         }
         let scores = self.reward.score(&reqs)?;
         let acc = if reqs.iter().all(|r| r.answer.is_some()) { Some(self.accuracy.score_batch(&reqs)?) } else { None };
-        Ok(Round { prompts, groups, group_of, scores, acc })
+        // With dynamic sampling on, `keep` marks the groups with a spread; their advantages are
+        // the same either way (a group without a spread has zero advantage).
+        let adv = group_advantages(&scores.total, &group_of, self.g.loss.scale_rewards, true)
+            .map_err(|e| RuntimeError::Training(e.into()))?;
+        let mut spread = vec![false; groups.len()];
+        for (&gi, &keep) in group_of.iter().zip(&adv.keep) {
+            spread[gi] = keep;
+        }
+        Ok(Round { prompts, groups, scores, acc, advantages: adv.advantages, spread })
     }
 
     /// Fresh prompts for refill round `round` (≥ 1) of a step: `n` positions drawn from the whole
-    /// train split, seeded by (seed, step, rank, round) so a resumed run draws the same ones.
-    fn refill_batch(&self, step: u64, rank: usize, round: usize, n: usize) -> Vec<usize> {
+    /// train split, keyed by (seed, step, rank) and the round, so a resumed run draws the same ones.
+    fn refill_batch(&self, step_key: u64, round: usize, n: usize) -> Vec<usize> {
         let len = self.train_index.len().max(1) as u64;
-        let base = mix(self.seed ^ mix(step.wrapping_mul(1 << 20) + rank as u64) ^ mix(round as u64));
+        let base = mix(step_key ^ mix(round as u64));
         (0..n as u64).map(|j| (mix(base.wrapping_add(j)) % len) as usize).collect()
     }
 }
@@ -332,7 +326,8 @@ impl TrainStep for GrpoStep<'_> {
     fn step(&mut self, cx: &mut LoopCtx<'_>, trainer: &mut Trainer, batch: &[usize]) -> Result<StepReport> {
         let t0 = Instant::now();
         let mut t_sync_start = 0.0;
-        let base_seed = mix(self.seed ^ mix(cx.step.wrapping_mul(1 << 20) + cx.comm.rank() as u64));
+        let step_key = self.seed ^ mix(cx.step.wrapping_mul(1 << 20) + cx.comm.rank() as u64);
+        let base_seed = mix(step_key);
         let (max_new_tokens, temperature, top_p) = (self.g.max_new_tokens, self.g.temperature as f32, self.g.top_p as f32);
         let params = |seed: u64| SamplingParams { max_new_tokens, temperature, top_p, seed, ..Default::default() };
         // A resumed run's workers still hold the starting checkpoint: bring them up to date.
@@ -343,12 +338,12 @@ impl TrainStep for GrpoStep<'_> {
         let target = batch.len();
         let max_rounds = self.g.max_sampling_rounds.unwrap_or(1).max(1);
         let mut rounds = vec![self.sample_round(cx, trainer, batch, &params(base_seed))?];
-        let informative = |r: &Round| r.spread().iter().filter(|&&x| x).count();
+        let informative = |r: &Round| r.spread.iter().filter(|&&x| x).count();
         if self.g.loss.dynamic_sampling {
             let mut have = informative(&rounds[0]);
             while have < target && rounds.len() < max_rounds {
                 let round = rounds.len();
-                let more = self.refill_batch(cx.step, cx.comm.rank(), round, target);
+                let more = self.refill_batch(step_key, round, target);
                 let r = self.sample_round(cx, trainer, &more, &params(mix(base_seed ^ mix(round as u64))))?;
                 have += informative(&r);
                 rounds.push(r);
@@ -368,12 +363,10 @@ impl TrainStep for GrpoStep<'_> {
         // Group-relative advantages (a group never spans ranks). Dynamic sampling keeps the
         // groups with a spread, in sampling order, up to `target`; the rest train on every group.
         let g = &self.g;
-        let spread: Vec<Vec<bool>> = rounds.iter().map(Round::spread).collect();
+        let spread: Vec<Vec<bool>> = rounds.iter().map(|r| r.spread.clone()).collect();
         let picked = pick_groups(&spread, target, g.loss.dynamic_sampling);
         let mut all = Vec::new();
         for (r, keep_round) in rounds.iter().zip(&picked) {
-            let adv = group_advantages(&r.scores.total, &r.group_of, g.loss.scale_rewards, false)
-                .map_err(|e| RuntimeError::Training(e.into()))?;
             let mut k = 0;
             for (si, gens) in r.groups.iter().enumerate() {
                 let keep = keep_round[si];
@@ -382,7 +375,7 @@ impl TrainStep for GrpoStep<'_> {
                         let mut input = r.prompts[si].clone();
                         let prompt_len = input.input_ids.len();
                         input.input_ids.extend_from_slice(&gen.token_ids);
-                        all.push(GrpoSample { input, prompt_len, old_logp: None, ref_logp: None, advantage: adv.advantages[k] });
+                        all.push(GrpoSample { input, prompt_len, old_logp: None, ref_logp: None, advantage: r.advantages[k] });
                     }
                     k += 1;
                 }
