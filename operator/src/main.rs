@@ -71,6 +71,8 @@ const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(2);
 /// How long releasing the leader Lease may take at shutdown (the next leader otherwise waits for
 /// it to expire).
 const LEASE_RELEASE: Duration = Duration::from_secs(5);
+/// How long the metrics server may take to finish the requests in flight at shutdown.
+const METRICS_DRAIN: Duration = Duration::from_secs(2);
 
 fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -224,11 +226,8 @@ async fn run(
         }
     }
     // Graceful: it stopped accepting at the signal and finishes the requests in flight.
-    if tokio::time::timeout(Duration::from_secs(2), server)
-        .await
-        .is_err()
-    {
-        tracing::warn!("metrics server still busy 2s after shutdown; leaving it");
+    if tokio::time::timeout(METRICS_DRAIN, server).await.is_err() {
+        tracing::warn!("metrics server still busy {}s after shutdown; leaving it", METRICS_DRAIN.as_secs());
     }
     Ok(())
 }
