@@ -253,7 +253,7 @@ impl Backend for CudaBackend {
                 Ok(t.clone())
             }
             Storage::Host(h) => {
-                let mem = match h.as_ref() {
+                let mem = match &h.data {
                     HostData::F32(v) => self.gpu.upload(v).map_err(me)?,
                     HostData::BF16(v) => self.gpu.upload(v).map_err(me)?,
                 };

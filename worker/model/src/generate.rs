@@ -147,39 +147,38 @@ pub fn sample_token(logits: &[f32], history: &[u32], p: &SamplingParams, rng: &m
     }
     let mxd = mx as f64;
     if p.temperature == 0.0 {
-        let lse = mxd + logits.iter().map(|&l| (l as f64 - mxd).exp()).sum::<f64>().ln();
+        let lse = mxd + logits.iter().map(|&l| (l - mx).exp() as f64).sum::<f64>().ln();
         return (best as u32, (logits[best] as f64 - lse) as f32);
     }
-    let inv_t = 1.0 / p.temperature as f64;
-    // Normalisers of the sampling distribution (at T) and of the raw one (T = 1).
-    let (mut z_t, mut z_1) = (0f64, 0f64);
-    for &l in logits {
-        let d = l as f64 - mxd;
-        z_t += (d * inv_t).exp();
-        if inv_t != 1.0 {
-            z_1 += d.exp();
-        }
+    let inv_t = 1.0 / p.temperature;
+    thread_local! {
+        /// The terms of the sampling distribution, kept for the walk (one vocabulary per thread).
+        static TERMS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    if inv_t == 1.0 {
-        z_1 = z_t;
-    }
-    let target = rng.random::<f64>() * z_t;
-    // Same terms in the same order as z_t, so the walk ends inside the vocabulary; `last` only
-    // guards against `target` rounding up to z_t.
-    let (mut c, mut tok, mut last) = (0f64, None, best);
-    for (i, &l) in logits.iter().enumerate() {
-        let e = ((l as f64 - mxd) * inv_t).exp();
-        if e > 0.0 {
-            last = i;
+    TERMS.with_borrow_mut(|terms| {
+        // One f32 exp per id, summed in f64: the normaliser is as accurate as the exps (~1e-7
+        // relative), and the walk re-adds the same terms in the same order, so it ends inside the
+        // vocabulary; `last` only guards against `target` rounding up to z_t.
+        terms.clear();
+        terms.extend(logits.iter().map(|&l| ((l - mx) * inv_t).exp()));
+        let z_t: f64 = terms.iter().map(|&e| e as f64).sum();
+        // The raw (T = 1) normaliser for the log-prob.
+        let z_1 = if inv_t == 1.0 { z_t } else { logits.iter().map(|&l| (l - mx).exp() as f64).sum() };
+        let target = rng.random::<f64>() * z_t;
+        let (mut c, mut tok, mut last) = (0f64, None, best);
+        for (i, &e) in terms.iter().enumerate() {
+            if e > 0.0 {
+                last = i;
+            }
+            c += e as f64;
+            if target < c {
+                tok = Some(i);
+                break;
+            }
         }
-        c += e;
-        if target < c {
-            tok = Some(i);
-            break;
-        }
-    }
-    let tok = tok.unwrap_or(last);
-    (tok as u32, (logits[tok] as f64 - mxd - z_1.ln()) as f32)
+        let tok = tok.unwrap_or(last);
+        (tok as u32, (logits[tok] as f64 - mxd - z_1.ln()) as f32)
+    })
 }
 
 /// Generate for a batch of prompts (different lengths, any number of images each): prompt `i`
@@ -622,5 +621,30 @@ mod tests {
         let l = [1.0f32, 2.0, 3.0];
         let z: f64 = l.iter().map(|&v| (v as f64).exp()).sum();
         assert!((token_logprob(&l, 2) as f64 - (3.0 - z.ln())).abs() < 1e-6);
+    }
+
+    #[test]
+    fn sample_token_draws_from_the_tempered_softmax_and_reports_raw_logprobs() {
+        // logits ln(1..4): at T = 1 probabilities 0.1..0.4; at T = 0.5 they go as i², i.e.
+        // 1/30, 4/30, 9/30, 16/30. 20k draws → ±1% (≈3σ of the largest binomial).
+        let l: Vec<f32> = [1f32, 2., 3., 4.].iter().map(|v| v.ln()).collect();
+        for (t, want) in [(1.0f32, [0.1, 0.2, 0.3, 0.4]), (0.5, [1. / 30., 4. / 30., 9. / 30., 16. / 30.])] {
+            let p = SamplingParams { temperature: t, ..Default::default() };
+            let mut r = rng();
+            let mut c = [0usize; 4];
+            for _ in 0..20000 {
+                let (tok, lp) = sample_token(&l, &[], &p, &mut r);
+                // The log-prob is under the raw logits whatever T: ln((tok + 1) / 10).
+                assert!((lp as f64 - ((tok + 1) as f64 / 10.0).ln()).abs() < 1e-6, "T {t}: token {tok} lp {lp}");
+                c[tok as usize] += 1;
+            }
+            for i in 0..4 {
+                assert!((c[i] as f64 / 20000.0 - want[i]).abs() < 0.01, "T {t}: {c:?}");
+            }
+        }
+        // Greedy: the first maximum, with its raw log-prob.
+        let (tok, lp) = sample_token(&[0.0, 2.0, 2.0], &[], &SamplingParams::default(), &mut rng());
+        assert_eq!(tok, 1);
+        assert!((lp as f64 - (2f64.exp() / (1.0 + 2.0 * 2f64.exp())).ln()).abs() < 1e-6);
     }
 }

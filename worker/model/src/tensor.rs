@@ -4,7 +4,7 @@ use crate::error::{shape_err, ModelError, Result};
 use half::{bf16, f16};
 use std::any::Any;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
@@ -42,9 +42,31 @@ pub enum HostData {
     BF16(Vec<bf16>),
 }
 
+/// Host values plus one lazily built, backend-private derived layout of them (the CPU backend
+/// keeps weights re-laid out for its decode kernel there: built on first use, shared by clones,
+/// dropped whenever the values change, so it can never go stale).
+#[derive(Debug)]
+pub struct HostBuf {
+    pub data: HostData,
+    derived: OnceLock<Box<dyn Any + Send + Sync>>,
+}
+
+impl HostBuf {
+    fn new(data: HostData) -> Arc<Self> {
+        Arc::new(HostBuf { data, derived: OnceLock::new() })
+    }
+}
+
+impl Clone for HostBuf {
+    /// A copy is about to be written (copy-on-write): it starts without a derived layout.
+    fn clone(&self) -> Self {
+        HostBuf { data: self.data.clone(), derived: OnceLock::new() }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub enum Storage {
-    Host(Arc<HostData>),
+    Host(Arc<HostBuf>),
     Device(Arc<dyn DeviceBuffer>),
 }
 
@@ -64,13 +86,13 @@ impl Tensor {
         if numel(shape) != data.len() {
             return shape_err("Tensor::from_f32", format!("shape {shape:?} needs {} values, got {}", numel(shape), data.len()));
         }
-        Ok(Tensor { shape: shape.to_vec(), dtype: DType::F32, storage: Storage::Host(Arc::new(HostData::F32(data))) })
+        Ok(Tensor { shape: shape.to_vec(), dtype: DType::F32, storage: Storage::Host(HostBuf::new(HostData::F32(data))) })
     }
     pub fn from_bf16(shape: &[usize], data: Vec<bf16>) -> Result<Self> {
         if numel(shape) != data.len() {
             return shape_err("Tensor::from_bf16", format!("shape {shape:?} needs {} values, got {}", numel(shape), data.len()));
         }
-        Ok(Tensor { shape: shape.to_vec(), dtype: DType::BF16, storage: Storage::Host(Arc::new(HostData::BF16(data))) })
+        Ok(Tensor { shape: shape.to_vec(), dtype: DType::BF16, storage: Storage::Host(HostBuf::new(HostData::BF16(data))) })
     }
     /// Host tensor of f16 values, converted to `dtype` (f16 is a storage format only).
     pub fn from_f16(shape: &[usize], data: &[f16], dtype: DType) -> Result<Self> {
@@ -80,7 +102,7 @@ impl Tensor {
         }
     }
     pub fn zeros(shape: &[usize]) -> Self {
-        Tensor { shape: shape.to_vec(), dtype: DType::F32, storage: Storage::Host(Arc::new(HostData::F32(vec![0.0; numel(shape)]))) }
+        Tensor { shape: shape.to_vec(), dtype: DType::F32, storage: Storage::Host(HostBuf::new(HostData::F32(vec![0.0; numel(shape)]))) }
     }
     /// Wrap a device buffer created by a backend.
     pub fn from_device(shape: &[usize], dtype: DType, buf: Arc<dyn DeviceBuffer>) -> Self {
@@ -126,7 +148,7 @@ impl Tensor {
     }
     pub fn host(&self) -> Result<&HostData> {
         match &self.storage {
-            Storage::Host(h) => Ok(h),
+            Storage::Host(h) => Ok(&h.data),
             Storage::Device(b) => Err(ModelError::Device { op: "host access", backend: "host".into(), expected: Device::Cpu, found: b.device() }),
         }
     }
@@ -147,10 +169,24 @@ impl Tensor {
     pub fn as_f32_mut(&mut self) -> Result<&mut [f32]> {
         match &mut self.storage {
             Storage::Host(h) => match Arc::make_mut(h) {
-                HostData::F32(v) => Ok(v),
-                HostData::BF16(_) => Err(ModelError::DType { op: "as_f32_mut", dtype: DType::BF16, msg: "cast to F32 first".into() }),
+                HostBuf { data: HostData::F32(v), derived } => {
+                    // The values may change through the returned slice: the layout derived from them goes.
+                    derived.take();
+                    Ok(v)
+                }
+                HostBuf { data: HostData::BF16(_), .. } => Err(ModelError::DType { op: "as_f32_mut", dtype: DType::BF16, msg: "cast to F32 first".into() }),
             },
             Storage::Device(b) => Err(ModelError::Device { op: "as_f32_mut", backend: "host".into(), expected: Device::Cpu, found: b.device() }),
+        }
+    }
+    /// A layout derived from this host tensor's values, built by `init` on first use and shared
+    /// by every clone and reshape of the tensor until its values are written. `None` for device
+    /// tensors or when a value of another type is already cached. Whoever caches a layout that
+    /// depends on the shape must check the shape it was built for (reshapes share the cache).
+    pub fn derived<T: Any + Send + Sync>(&self, init: impl FnOnce() -> T) -> Option<&T> {
+        match &self.storage {
+            Storage::Host(h) => h.derived.get_or_init(|| Box::new(init())).downcast_ref::<T>(),
+            Storage::Device(_) => None,
         }
     }
     /// Host values as f32, whatever the storage dtype.

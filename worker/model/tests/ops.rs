@@ -222,6 +222,12 @@ fn attention_cases() -> Vec<(AttnDims, AttnSpec)> {
             AttnDims { b: 2, t: 2, s: 9, hq: 4, hkv: 1, d: 4 },
             AttnSpec { scale: 0.7, mask: AttnMask::Causal { q_offset: 5, key_start: vec![2, 0] }, kv_len: 7 },
         ),
+        // One query per row (a decode step), head_dim 20 = two 8-wide dot chunks + a remainder,
+        // a row whose only visible key is the newest one.
+        (
+            AttnDims { b: 3, t: 1, s: 24, hq: 4, hkv: 2, d: 20 },
+            AttnSpec { scale: 0.3, mask: AttnMask::Causal { q_offset: 20, key_start: vec![0, 5, 20] }, kv_len: 21 },
+        ),
         // Segments and causal rows longer than one 64-query chunk (small heads for FD speed).
         (
             AttnDims { b: 1, t: 75, s: 75, hq: 2, hkv: 1, d: 2 },
@@ -390,4 +396,42 @@ fn bf16_weight_linear_matches_f32() {
             assert!((a - c).abs() <= 1e-5 * scale, "m={m}: {a} vs {c}");
         }
     }
+}
+
+/// Few-row products use the packed kernel, with W packed once and cached on the tensor; rows
+/// above the threshold use gemm. Both agree with the kernels' definition, and the cached layout
+/// follows the weight: a write through `as_f32_mut` or a reshape never reuses a stale packing.
+#[test]
+fn packed_linear_follows_weight_writes_and_matches_gemm() {
+    let be = CpuBackend;
+    let mut r = ChaCha8Rng::seed_from_u64(14);
+    let (k, n) = (300, 70);
+    let x = rand_vec(&mut r, 300 * k);
+    let mut w = Tensor::from_f32(&[n, k], rand_vec(&mut r, n * k)).unwrap();
+    let close = |got: &Tensor, want: &[f32], what: &str| {
+        // Different summation orders of 300 f32 products: ≤ 1e-5 relative to the largest output.
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for (a, c) in got.as_f32().unwrap().iter().zip(want) {
+            assert!((a - c).abs() <= 1e-5 * scale, "{what}: {a} vs {c}");
+        }
+    };
+    for m in [1, 7, 32, 300] {
+        let xt = Tensor::from_f32(&[m, k], x[..m * k].to_vec()).unwrap();
+        let want = kernels::linear(&x[..m * k], m, k, w.as_f32().unwrap(), n, None);
+        close(&be.linear(&xt, &w, None).unwrap(), &want, &format!("m={m}"));
+    }
+    let xt = Tensor::from_f32(&[4, k], x[..4 * k].to_vec()).unwrap();
+    let before = be.linear(&xt, &w, None).unwrap();
+    let shared = w.clone();
+    w.as_f32_mut().unwrap().iter_mut().for_each(|v| *v *= 2.0);
+    let after = be.linear(&xt, &w, None).unwrap();
+    let doubled: Vec<f32> = before.as_f32().unwrap().iter().map(|v| 2.0 * v).collect();
+    close(&after, &doubled, "after a write");
+    // The clone taken before the write still has (and multiplies by) the old values.
+    assert_eq!(be.linear(&xt, &shared, None).unwrap().as_f32().unwrap(), before.as_f32().unwrap());
+    // A reshape to another [n', k'] shares the storage but must not use the [70, 300] packing.
+    let wr = w.reshape(&[n * 2, k / 2]).unwrap();
+    let xr = Tensor::from_f32(&[4, k / 2], x[..4 * k / 2].to_vec()).unwrap();
+    let want = kernels::linear(xr.as_f32().unwrap(), 4, k / 2, wr.as_f32().unwrap(), n * 2, None);
+    close(&be.linear(&xr, &wr, None).unwrap(), &want, "reshaped weight");
 }

@@ -277,9 +277,19 @@ impl RolloutService {
             jobs: tx,
         });
         let weak = Arc::downgrade(&shared);
+        // The decode loop runs *on* a worker of its own rayon pool (as many threads as the global
+        // pool, i.e. RAYON_NUM_THREADS), so each of the ~30 parallel products per decode step is
+        // a fork-join among pool workers rather than a hand-off from an outside thread that
+        // sleeps and wakes around every one. Its own pool, not the global one: the loop blocks
+        // while idle, and request preparation (images) still needs the global pool then.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(rayon::current_num_threads())
+            .thread_name(|i| format!("rollout-gen-{i}"))
+            .build()
+            .map_err(|e| WorkerError::Thread(std::io::Error::other(e)))?;
         std::thread::Builder::new()
             .name("rollout-generate".into())
-            .spawn(move || generation_thread(weak, rx))
+            .spawn(move || pool.install(|| generation_thread(weak, rx)))
             .map_err(WorkerError::Thread)?;
         Ok(RolloutService { shared })
     }
