@@ -228,6 +228,11 @@ fn attention_cases() -> Vec<(AttnDims, AttnSpec)> {
             AttnDims { b: 3, t: 1, s: 24, hq: 4, hkv: 2, d: 20 },
             AttnSpec { scale: 0.3, mask: AttnMask::Causal { q_offset: 20, key_start: vec![0, 5, 20] }, kv_len: 21 },
         ),
+        // The same with head_dim 16: the 8-wide AVX2 path on CPUs that have it; two queries.
+        (
+            AttnDims { b: 2, t: 2, s: 12, hq: 4, hkv: 2, d: 16 },
+            AttnSpec { scale: 0.3, mask: AttnMask::Causal { q_offset: 9, key_start: vec![0, 4] }, kv_len: 11 },
+        ),
         // Segments and causal rows longer than one 64-query chunk (small heads for FD speed).
         (
             AttnDims { b: 1, t: 75, s: 75, hq: 2, hkv: 1, d: 2 },
@@ -256,6 +261,12 @@ fn attention_matches_naive_and_backward_fd() {
         let want = naive_attention(&q, &k, &v, dm, &spec);
         let err = y.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
         assert!(err < 1e-12, "{spec:?}: forward err {err}");
+        // The f32 kernel (the backend's; 8-wide AVX2 for few-query blocks when the CPU has it).
+        // Outputs are convex combinations of values in [-1, 1] with f32 scores and exps: 1e-5.
+        let f = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+        let y32 = kernels::attention(&f(&q), &f(&k), &f(&v), dm, &spec);
+        let err = y32.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+        assert!(err < 1e-5, "{spec:?}: f32 forward err {err}");
         // The first (largest) case is checked forward-only to keep the test fast.
         if q.len() > 1000 {
             continue;

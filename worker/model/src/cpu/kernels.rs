@@ -540,6 +540,9 @@ unsafe fn attend_few_dispatch<T: Real>(q: &[T], k: &[T], v: &[T], dims: &AttnDim
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn attend_few_avx2(q: &[f32], k: &[f32], v: &[f32], dims: &AttnDims, blk: &Block, heads: Range<usize>, scale: f32, out: SendPtr<f32>) {
+    // Hand-written FMA intrinsics for the dot products and P·V sums measured no faster than
+    // these loops compiled for AVX2 (attention stayed ~19 % of a decode step): the time goes to
+    // the per-key work (score, exp, value row), not to the vector arithmetic.
     attend_few(q, k, v, dims, blk, heads, scale, out)
 }
 
