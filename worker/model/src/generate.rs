@@ -204,13 +204,19 @@ pub fn generate_group(model: &Qwen25Vl, prompt: &PromptInput, n: usize, params: 
 
 /// Decodes `jobs` together to the end; the generations of each job, in job order.
 fn run_to_end(model: &Qwen25Vl, jobs: &[GroupJob<'_>]) -> Result<Vec<Vec<Generation>>> {
-    let mut dec = BatchDecoder::new(model);
-    let mut done = dec.add_groups(jobs)?;
-    while !dec.is_idle() {
-        done.extend(dec.step()?);
-    }
-    done.sort_by_key(|f| f.tag);
-    Ok(done.into_iter().map(|f| f.generations).collect())
+    // The whole loop runs on a worker of the rayon pool (`scope` moves it there when called from
+    // outside), so the ~30 parallel ops of each step fork and join among the pool's workers
+    // instead of each being handed over from this thread, which sleeps and wakes around every
+    // one (the rollout worker does the same with its own pool: docs/rollout.md).
+    rayon::scope(|_| {
+        let mut dec = BatchDecoder::new(model);
+        let mut done = dec.add_groups(jobs)?;
+        while !dec.is_idle() {
+            done.extend(dec.step()?);
+        }
+        done.sort_by_key(|f| f.tag);
+        Ok(done.into_iter().map(|f| f.generations).collect())
+    })
 }
 
 /// One prompt group for a [`BatchDecoder`].
