@@ -118,7 +118,8 @@ async fn a_local_run_exports_step_spans_and_one_trace_per_grpo_step_across_train
     let sft_steps: Vec<&Received> = sft.iter().copied().filter(|r| r.span.name == "training_step").collect();
     let mut numbers: Vec<i64> = sft_steps.iter().filter_map(|r| attr_int(&r.span, "step")).collect();
     numbers.sort();
-    assert_eq!(numbers, [1, 2], "SFT steps: {names:?}");
+    // A repeated step means a trainer attempt failed and the gang restarted: say why.
+    assert_eq!(numbers, [1, 2], "SFT steps: {names:?}\nonevision run stderr:\n{}\nSFT trainer log:\n{}", String::from_utf8_lossy(&out.stderr), std::fs::read_to_string(fx.path().join("work/traced-sft/logs/traced-sft-trainer-0.log")).unwrap_or_default());
     for step in &sft_steps {
         for phase in ["forward_backward", "optimizer"] {
             assert!(sft.iter().any(|r| r.span.name == phase && r.span.parent_span_id == step.span.span_id), "SFT step without {phase}");

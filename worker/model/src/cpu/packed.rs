@@ -58,7 +58,9 @@ impl Elem for bf16 {
 fn pack<T: Elem>(w: &[T], n: usize, k: usize) -> Vec<T> {
     assert_eq!(w.len(), n * k, "weight of {} values is not [{n}, {k}]", w.len());
     let mut panels = vec![T::default(); n.div_ceil(NR) * k * NR];
-    panels.par_chunks_mut((k * NR).max(1)).enumerate().for_each(|(pj, panel)| {
+    // Serial on purpose: this runs inside the tensor's `OnceLock` initialiser, and a rayon join
+    // there could let this thread pick up another task that waits on the same lock.
+    panels.chunks_mut((k * NR).max(1)).enumerate().for_each(|(pj, panel)| {
         for jj in 0..NR.min(n - pj * NR) {
             let row = &w[(pj * NR + jj) * k..(pj * NR + jj + 1) * k];
             for (p, &v) in row.iter().enumerate() {
