@@ -72,6 +72,9 @@ pub struct Tape {
     ids: Vec<u32>,
     image_rows: Vec<usize>,
     vision: Option<VisionTape>,
+    /// When prompts share an image (a GRPO group's G samples): for each image row of the batch,
+    /// its row in the features of the distinct images the vision tower encoded.
+    image_src: Option<Vec<usize>>,
     cos: Tensor,
     sin: Tensor,
     spec: AttnSpec,
@@ -80,6 +83,11 @@ pub struct Tape {
     hn: Tensor,
     b: usize,
     t: usize,
+}
+
+/// Image feature rows of a prompt: its patches over the spatial merge unit.
+fn feature_rows(p: &PromptInput, merge_unit: usize) -> usize {
+    p.image_grid_thw.iter().map(|g| g[0] * g[1] * g[2]).sum::<usize>() / merge_unit.max(1)
 }
 
 impl Tape {
@@ -252,23 +260,54 @@ impl Qwen25Vl {
         }
         let mut x = be.embedding(&self.text.embed, &ids)?;
         let grids: Vec<[usize; 3]> = prompts.iter().flat_map(|p| p.image_grid_thw.iter().copied()).collect();
+        let mut image_src = None;
         let vision = if grids.is_empty() {
             None
         } else {
-            let mut rows = Vec::new();
-            let mut width = self.config.vision.patch_dim();
+            // A GRPO batch holds each prompt's images G times (clones of one tensor): the tower
+            // encodes each distinct image once, its features go to every copy, and backward adds
+            // the copies' gradients before the tower's backward (which is linear in them), so
+            // the result is the same as encoding every copy, G times cheaper.
+            let merge = self.config.vision.merge_unit();
+            let mut distinct: Vec<&PromptInput> = Vec::new();
+            let mut first_row = Vec::new();
+            let mut src = Vec::with_capacity(image_rows.len());
             for p in prompts {
                 match &p.pixel_values {
                     Some(px) => {
-                        width = px.last_dim();
-                        rows.extend(host_f32(be, px)?.as_f32()?.iter().copied());
+                        let u = match distinct.iter().position(|d| d.image_grid_thw == p.image_grid_thw && d.pixel_values.as_ref().is_some_and(|q| q.same_as(px))) {
+                            Some(u) => u,
+                            None => {
+                                let rows = first_row.last().copied().unwrap_or(0) + distinct.last().map_or(0, |d| feature_rows(d, merge));
+                                distinct.push(p);
+                                first_row.push(rows);
+                                distinct.len() - 1
+                            }
+                        };
+                        src.extend(first_row[u]..first_row[u] + feature_rows(p, merge));
                     }
                     None if !p.image_grid_thw.is_empty() => return Err(ModelError::Invalid(format!("prompt has image grids {:?} but no pixel_values", p.image_grid_thw))),
                     None => {}
                 }
             }
+            let mut rows = Vec::new();
+            let mut width = self.config.vision.patch_dim();
+            for p in &distinct {
+                if let Some(px) = &p.pixel_values {
+                    width = px.last_dim();
+                    rows.extend(host_f32(be, px)?.as_f32()?.iter().copied());
+                }
+            }
+            let grids: Vec<[usize; 3]> = distinct.iter().flat_map(|p| p.image_grid_thw.iter().copied()).collect();
             let px = Tensor::from_f32(&[rows.len() / width.max(1), width], rows)?;
-            let (feats, tape) = self.vision_forward_tape(&px, &grids)?;
+            let (mut feats, tape) = self.vision_forward_tape(&px, &grids)?;
+            if src.len() != feats.dim(0) {
+                feats = be.gather_rows(&feats, &src)?;
+                image_src = Some(src);
+            }
+            if feats.dim(0) != image_rows.len() {
+                return Err(ModelError::ImageTokens { tokens: image_rows.len(), features: feats.dim(0), grids });
+            }
             x = be.scatter_rows(&x, &image_rows, &feats)?;
             Some(tape)
         };
@@ -286,7 +325,7 @@ impl Qwen25Vl {
         }
         let hn = be.rms_norm(&x, &self.text.norm, eps)?;
         let logits = self.logits(&hn)?.reshape(&[b, t, tc.vocab_size])?;
-        Ok(TrainForward { logits, pad, tape: Tape { ids, image_rows, vision, cos, sin, spec, layers, x_final: x, hn, b, t } })
+        Ok(TrainForward { logits, pad, tape: Tape { ids, image_rows, vision, image_src, cos, sin, spec, layers, x_final: x, hn, b, t } })
     }
 
     /// Gradients (official names, F32) of every parameter given ∂loss/∂logits [B, T, V].
@@ -325,6 +364,11 @@ impl Qwen25Vl {
         let de = be.embedding_backward(&d_embed_in, &tape.ids, tc.vocab_size)?;
         acc(be, &mut grads, "model.embed_tokens.weight".into(), de)?;
         if let (Some(vt), Some(df)) = (&tape.vision, d_feats) {
+            let df = match &tape.image_src {
+                // Every copy's feature gradient onto its distinct image's rows.
+                Some(src) => be.gather_rows_backward(&df, src, vt.px.dim(0) / self.config.vision.merge_unit())?,
+                None => df,
+            };
             self.vision_backward(vt, &df, &mut grads)?;
         }
         Ok(grads)

@@ -111,3 +111,45 @@ fn recomputation_gives_identical_gradients_with_less_saved_memory() {
         assert_eq!(g.as_f32().unwrap(), g_re[name].as_f32().unwrap(), "{name} differs with recomputation");
     }
 }
+
+/// A GRPO batch repeats each prompt (and its image tensor) G times. The vision tower encodes a
+/// shared image once; the logits must equal those of a batch whose copies are separate tensors
+/// (encoded one by one), and so must every gradient, the tower's included: the copies' feature
+/// gradients are summed before the tower's backward instead of after. Mixed in: a prompt with a
+/// different image and a text-only prompt.
+#[test]
+fn shared_images_are_encoded_once_with_the_same_logits_and_gradients() {
+    let cfg = tiny_config(true, 64);
+    let m = Qwen25Vl::from_weights(cfg.clone(), tiny_weights(&cfg, 6), Arc::new(CpuBackend)).unwrap();
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let base = prompts();
+    let other = PromptInput { pixel_values: Some(Tensor::from_f32(&[24, 1176], rand_vec(&mut r, 24 * 1176)).unwrap()), ..base[0].clone() };
+    let with = |p: &PromptInput, extra: &[u32]| {
+        let mut p = p.clone();
+        p.input_ids.extend_from_slice(extra);
+        p
+    };
+    // Clones share the image's storage (what the GRPO trainer builds) ...
+    let shared = vec![with(&base[0], &[9]), with(&base[1], &[4]), with(&base[0], &[7, 8]), with(&other, &[5]), with(&base[0], &[10, 11, 12])];
+    // ... and deep copies do not.
+    let deep: Vec<PromptInput> = shared
+        .iter()
+        .map(|p| PromptInput { pixel_values: p.pixel_values.as_ref().map(|px| Tensor::from_f32(px.shape(), px.as_f32().unwrap().to_vec()).unwrap()), ..p.clone() })
+        .collect();
+    let (fs, fd) = (m.forward_train(&shared).unwrap(), m.forward_train(&deep).unwrap());
+    // The same features scattered into the same rows: bitwise equal.
+    assert_eq!(fs.logits.as_f32().unwrap(), fd.logits.as_f32().unwrap());
+    // 2 distinct images × 24 patches vs 4 copies: the shared tape saved less for the tower.
+    assert!(fs.tape.saved_bytes() < fd.tape.saved_bytes());
+    let c = Tensor::from_f32(fs.logits.shape(), rand_vec(&mut r, fs.logits.numel())).unwrap();
+    let (gs, gd) = (m.backward(&fs.tape, &c).unwrap(), m.backward(&fd.tape, &c).unwrap());
+    assert_eq!(gs.len(), gd.len());
+    for (name, g) in &gd {
+        let (a, b) = (gs[name].as_f32().unwrap(), g.as_f32().unwrap());
+        // Only the order of f32 sums over the copies differs: 1e-5 of the gradient's scale.
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+        let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(err <= 1e-5 * scale, "{name}: max |Δ| {err} at scale {scale}");
+    }
+    assert!(gs.keys().any(|k| k.starts_with("visual.")), "the tower gets gradients");
+}
