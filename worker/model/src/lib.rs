@@ -21,4 +21,4 @@ pub use generate::{generate, generate_group, Generation, SamplingParams};
 pub mod flops;
 pub mod npy;
 pub mod train;
-pub use train::{Tape, TrainForward};
+pub use train::{Tape, TrainForward, VisionGrads};

@@ -85,6 +85,17 @@ pub struct Tape {
     t: usize,
 }
 
+/// How far [`Qwen25Vl::backward_with`] goes into the vision encoder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VisionGrads {
+    /// Merger, ViT blocks and patch embedding.
+    All,
+    /// The merger only (a frozen tower).
+    MergerOnly,
+    /// None of the encoder (tower and merger frozen).
+    None,
+}
+
 /// Image feature rows of a prompt: its patches over the spatial merge unit.
 fn feature_rows(p: &PromptInput, merge_unit: usize) -> usize {
     p.image_grid_thw.iter().map(|g| g[0] * g[1] * g[2]).sum::<usize>() / merge_unit.max(1)
@@ -331,6 +342,13 @@ impl Qwen25Vl {
     /// Gradients (official names, F32) of every parameter given ∂loss/∂logits [B, T, V].
     /// A tied head's gradient is accumulated into `model.embed_tokens.weight`.
     pub fn backward(&self, tape: &Tape, dlogits: &Tensor) -> Result<BTreeMap<String, Tensor>> {
+        self.backward_with(tape, dlogits, VisionGrads::All)
+    }
+
+    /// [`backward`](Self::backward) that stops early in the vision encoder when its gradients
+    /// would be thrown away (a frozen tower, the recipe's default): no backward through the ViT
+    /// blocks, or none through the encoder at all. The other gradients are the same.
+    pub fn backward_with(&self, tape: &Tape, dlogits: &Tensor, vision: VisionGrads) -> Result<BTreeMap<String, Tensor>> {
         let be = self.backend();
         let tc = &self.config.text;
         let (b, t) = (tape.b, tape.t);
@@ -363,13 +381,13 @@ impl Qwen25Vl {
         };
         let de = be.embedding_backward(&d_embed_in, &tape.ids, tc.vocab_size)?;
         acc(be, &mut grads, "model.embed_tokens.weight".into(), de)?;
-        if let (Some(vt), Some(df)) = (&tape.vision, d_feats) {
+        if let (Some(vt), Some(df), false) = (&tape.vision, d_feats, vision == VisionGrads::None) {
             let df = match &tape.image_src {
                 // Every copy's feature gradient onto its distinct image's rows.
                 Some(src) => be.gather_rows_backward(&df, src, vt.px.dim(0) / self.config.vision.merge_unit())?,
                 None => df,
             };
-            self.vision_backward(vt, &df, &mut grads)?;
+            self.vision_backward(vt, &df, vision == VisionGrads::All, &mut grads)?;
         }
         Ok(grads)
     }
@@ -421,7 +439,8 @@ impl Qwen25Vl {
         be.add(&dx_mid, &dxi)
     }
 
-    fn vision_backward(&self, vt: &VisionTape, d_out: &Tensor, grads: &mut BTreeMap<String, Tensor>) -> Result<()> {
+    /// `tower`: also the ViT blocks and the patch embedding (else only the merger).
+    fn vision_backward(&self, vt: &VisionTape, d_out: &Tensor, tower: bool, grads: &mut BTreeMap<String, Tensor>) -> Result<()> {
         let be = self.backend();
         let vc = &self.config.vision;
         let (hs, nh, hd) = (vc.hidden_size, vc.num_heads, vc.head_dim());
@@ -439,6 +458,9 @@ impl Qwen25Vl {
         acc(be, grads, "visual.merger.mlp.0.bias".into(), m0.db.ok_or_else(|| ModelError::Invalid("bias grad".into()))?)?;
         let (mut dx, dln) = be.rms_norm_backward(&m0.dx.reshape(&[n, hs])?, &vt.x_final, &vw.ln_q, 1e-6)?;
         acc(be, grads, "visual.merger.ln_q.weight".into(), dln)?;
+        if !tower {
+            return Ok(());
+        }
         let bias = |g: Option<Tensor>| g.ok_or_else(|| ModelError::Invalid("bias grad".into()));
         for (i, (bw, saved)) in vw.blocks.iter().zip(&vt.blocks).enumerate().rev() {
             let p = format!("visual.blocks.{i}");

@@ -153,3 +153,26 @@ fn shared_images_are_encoded_once_with_the_same_logits_and_gradients() {
     }
     assert!(gs.keys().any(|k| k.starts_with("visual.")), "the tower gets gradients");
 }
+
+/// A frozen vision encoder: backward stops after the merger (frozen tower) or before the encoder
+/// (tower and merger frozen). What it does return is exactly what the full backward returns.
+#[test]
+fn backward_skips_the_frozen_vision_encoder_and_leaves_the_rest_unchanged() {
+    use onevision_model::VisionGrads;
+    let cfg = tiny_config(true, 64);
+    let m = Qwen25Vl::from_weights(cfg.clone(), tiny_weights(&cfg, 8), Arc::new(CpuBackend)).unwrap();
+    let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(12);
+    let f = m.forward_train(&prompts()).unwrap();
+    let c = Tensor::from_f32(f.logits.shape(), rand_vec(&mut r, f.logits.numel())).unwrap();
+    let all = m.backward(&f.tape, &c).unwrap();
+    let tower = |k: &str| k.starts_with("visual.blocks.") || k.starts_with("visual.patch_embed.");
+    assert!(all.keys().any(|k| tower(k)) && all.keys().any(|k| k.starts_with("visual.merger.")));
+    for (mode, kept) in [(VisionGrads::MergerOnly, &(|k: &str| !tower(k)) as &dyn Fn(&str) -> bool), (VisionGrads::None, &|k: &str| !k.starts_with("visual."))] {
+        let g = m.backward_with(&f.tape, &c, mode).unwrap();
+        let want: Vec<&String> = all.keys().filter(|k| kept(k)).collect();
+        assert_eq!(g.keys().collect::<Vec<_>>(), want, "{mode:?}");
+        for (k, v) in &g {
+            assert_eq!(v.as_f32().unwrap(), all[k].as_f32().unwrap(), "{mode:?}: {k}");
+        }
+    }
+}

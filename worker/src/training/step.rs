@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use onevision_model::{PromptInput, Qwen25Vl, Tensor};
+use onevision_model::{PromptInput, Qwen25Vl, Tensor, VisionGrads};
 use onevision_train::{
     cross_entropy, grpo_loss, shift_labels, token_logprobs, token_logprobs_backward, GrpoBatch, GrpoConfig, GrpoStats,
     TensorMap, IGNORE_INDEX,
@@ -56,6 +56,15 @@ pub struct Freeze {
 }
 
 impl Freeze {
+    /// How far backward must go into the vision encoder: not through a frozen part with nothing
+    /// trainable before it.
+    pub fn vision_grads(&self) -> VisionGrads {
+        match (self.vision_tower, self.merger) {
+            (true, true) => VisionGrads::None,
+            (true, false) => VisionGrads::MergerOnly,
+            (false, _) => VisionGrads::All,
+        }
+    }
     pub fn is_frozen(&self, name: &str) -> bool {
         (self.vision_tower && (name.starts_with("visual.blocks.") || name.starts_with("visual.patch_embed.")))
             || (self.merger && name.starts_with("visual.merger."))
@@ -133,7 +142,7 @@ pub fn sft_step(model: &Qwen25Vl, batch: &[SftExample], opts: &StepOptions) -> R
     drop(logits);
     // The loss runs on the host; its gradient goes back to the model's device (identity on CPU).
     let dlogits = model.backend().to_device(&Tensor::from_f32(&[b, t, v], ce.grad_logits)?)?;
-    let grads = model.backward(&fwd.tape, &dlogits)?;
+    let grads = model.backward_with(&fwd.tape, &dlogits, opts.freeze.vision_grads())?;
     Ok(StepOutput { loss: ce.loss, tokens: ce.tokens, grads: model_grads_to_map(model, grads, opts.freeze)?, stats: StepStats::default() })
 }
 
@@ -252,7 +261,7 @@ pub fn grpo_step(model: &Qwen25Vl, batch: &[GrpoSample], cfg: &GrpoConfig, opts:
     for (ri, &(r, _)) in rows.iter().enumerate() {
         dlogits[r * v..(r + 1) * v].copy_from_slice(&d_sel[ri * v..(ri + 1) * v]);
     }
-    let grads = model.backward(&fwd.tape, &model.backend().to_device(&Tensor::from_f32(&[b, t, v], dlogits)?)?)?;
+    let grads = model.backward_with(&fwd.tape, &model.backend().to_device(&Tensor::from_f32(&[b, t, v], dlogits)?)?, opts.freeze.vision_grads())?;
     Ok(StepOutput {
         loss: out.loss,
         tokens: rows.len(),
