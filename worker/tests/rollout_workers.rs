@@ -128,6 +128,12 @@ impl Drop for Worker {
     }
 }
 
+/// Sends `SIG<name>` to the worker process (STOP freezes it like a hung node, CONT thaws it).
+fn signal(w: &Worker, name: &str) {
+    let pid = w.child.id().to_string();
+    assert!(Command::new("kill").args([&format!("-{name}"), &pid]).status().unwrap().success(), "kill -{name} {pid}");
+}
+
 async fn coordinator() -> CoordinatorServerHandle {
     let mut cfg = CoordinatorConfig::new(1, 0);
     cfg.rollout_lease_ttl = Duration::from_secs(3);
@@ -422,23 +428,19 @@ async fn killed_worker_groups_finish_on_the_other_and_new_worker_gets_weights() 
         .map(|i| GroupRequest { prompt_token_ids: text_prompt(i), images: vec![], group_size: 4, seed: i as u64 })
         .collect();
 
-    // Kill worker A as soon as it is generating.
-    let a_addr = a.addr.clone();
+    // Freeze worker A (SIGSTOP) before the batch starts: its session takes groups that it can
+    // never finish, so the kill below always hits work in flight. Waiting to *see* A generating
+    // raced with the fast decode: A could finish its whole share between two polls.
+    signal(&a, "STOP");
     let run = {
         let pool = pool.clone();
         let groups = groups.clone();
         let s = s.clone();
         tokio::spawn(async move { pool.generate(groups, &s).await })
     };
-    let mut ca = RolloutClient::connect(format!("http://{a_addr}")).await.unwrap();
-    loop {
-        let i = ca.info(v1::InfoRequest {}).await.unwrap().into_inner();
-        if i.active_sequences > 0 {
-            break;
-        }
-        assert!(!run.is_finished(), "the batch finished before worker A was seen generating");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    // B serves everything else meanwhile; the batch cannot end while A holds groups.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!run.is_finished(), "the batch finished although the frozen worker A held groups");
     a.kill();
     let results = run.await.unwrap().expect("the pool finishes every group on the remaining worker");
     assert_eq!(results.len(), groups.len());
@@ -479,6 +481,43 @@ async fn killed_worker_groups_finish_on_the_other_and_new_worker_gets_weights() 
     let ws = pool.workers().await.unwrap();
     assert!(ws.iter().any(|w| w.worker_id == "w-c" && w.model_version == 1), "{ws:?}");
     drop(b);
+}
+
+/// A worker that hangs without dying (SIGSTOP: a frozen node, a partition) never answers: its
+/// groups are given up after `group_timeout` and finish on the other worker, and the batch still
+/// equals what the local model generates from the same seeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_worker_times_out_and_its_groups_finish_on_the_other() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = write_model(tmp.path(), 7);
+    let a = Worker::spawn(&model_dir, None, "w-frozen", &["--capacity", "4"]);
+    let b = Worker::spawn(&model_dir, None, "w-live", &["--capacity", "4"]);
+    // The deadline sits far above group_timeout but below HTTP/2 keep-alive's ~30 s, the only
+    // other thing that would end a wait on a frozen peer.
+    let cfg = PoolConfig { group_timeout: Duration::from_secs(2), deadline: Duration::from_secs(20), ..test_pool_config() };
+    let pool = RolloutPool::new(WorkerSource::Static(vec![a.addr.clone(), b.addr.clone()]), cfg);
+    let st = pool.sync_weights(1, perturbed(6)).await.unwrap();
+    assert_eq!(st.workers_updated, 2, "{st:?}");
+    signal(&a, "STOP");
+    let s = sampling(12);
+    let groups: Vec<GroupRequest> = (0..8)
+        .map(|i| GroupRequest { prompt_token_ids: text_prompt(i), images: vec![], group_size: 4, seed: 50 + i as u64 })
+        .collect();
+    let results = pool.generate(groups.clone(), &s).await.expect("the live worker finishes the frozen one's groups");
+    signal(&a, "CONT");
+    // Static workers are keyed by address.
+    assert!(results.iter().all(|r| r.worker_id == b.addr), "{:?}", results.iter().map(|r| &r.worker_id).collect::<Vec<_>>());
+    assert!(results.iter().any(|r| r.attempts > 1), "the frozen worker's groups must have been retried");
+    let mut model = load(&model_dir);
+    for (n, sh, v) in random_weights(6) {
+        model.set_weight(&n, &Tensor::from_f32(&sh, v).unwrap()).unwrap();
+    }
+    for (g, r) in groups.iter().zip(&results) {
+        let p = PromptInput { input_ids: g.prompt_token_ids.clone(), ..Default::default() };
+        let want = generate_group(&model, &p, 4, &model_params(&s, g.seed)).unwrap();
+        let got: Vec<&Vec<u32>> = r.completions.iter().map(|c| &c.token_ids).collect();
+        assert_eq!(got, want.iter().map(|w| &w.token_ids).collect::<Vec<_>>());
+    }
 }
 
 /// Rollout workers outlive trainer gangs. A gang that restarts from an earlier checkpoint
@@ -525,6 +564,8 @@ async fn weights_versions_stay_monotonic_across_gang_restarts() {
     assert!(e.to_string().contains("another trainer run"), "{e}");
 }
 
+/// SIGTERM right after the coordinator lists the worker: under load it often lands while the
+/// registration's reply is still on the wire, the path that once exited without deregistering.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_deregisters_and_exits_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -532,8 +573,7 @@ async fn sigterm_deregisters_and_exits_cleanly() {
     let coord = coordinator().await;
     let mut w = Worker::spawn(&model_dir, Some(&coord.endpoint()), "w-term", &[]);
     wait_registered(&coord, &["w-term"]).await;
-    let pid = w.child.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    signal(&w, "TERM");
     let start = Instant::now();
     let status = loop {
         if let Some(s) = w.child.try_wait().unwrap() {

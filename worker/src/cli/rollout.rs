@@ -200,8 +200,10 @@ async fn serve(args: Args, engine: Arc<Engine>, cfg: ServerConfig) -> anyhow::Re
             model_version: engine.version(),
         };
         // Registration retries until the coordinator is up (trainer pods may start later).
+        let registering = client.keep_registered(req);
+        tokio::pin!(registering);
         tokio::select! {
-            r = client.keep_registered(req) => match r {
+            r = &mut registering => match r {
                 Ok(l) => {
                     tracing::info!(coordinator = %coord, trainer_version = l.trainer_model_version(), "registered with the coordinator");
                     metrics.set_weight_version(engine.version(), l.trainer_model_version());
@@ -213,7 +215,15 @@ async fn serve(args: Args, engine: Arc<Engine>, cfg: ServerConfig) -> anyhow::Re
                 }
             },
             _ = &mut shutdown => {
-                tracing::info!("stopped before registering");
+                // The registration may already have landed with its reply still on the wire:
+                // finish it briefly and release it, so no entry lingers until its lease expires.
+                match tokio::time::timeout(Duration::from_secs(2), &mut registering).await {
+                    Ok(Ok(l)) => match tokio::time::timeout(Duration::from_secs(5), l.release()).await {
+                        Ok(Ok(_)) => tracing::info!("stopped while registering; deregistered"),
+                        _ => tracing::warn!("stopped while registering; deregistration failed, the lease expires on its own"),
+                    },
+                    _ => tracing::info!("stopped before registering"),
+                }
                 return server.stop(Duration::from_secs(args.drain_secs)).await.map_err(Into::into);
             }
         }

@@ -778,9 +778,18 @@ impl Session {
             if inflight.is_empty() {
                 return Ok(());
             }
+            let earliest = inflight.values().map(|f| f.deadline).min().expect("non-empty");
             if inbound.is_none() {
                 let rx = rx.take().expect("the request stream is opened once");
-                match client.generate(ReceiverStream::new(rx)).await {
+                // A frozen worker (stopped process, partitioned node) may never send the response
+                // headers: the group deadline bounds that wait too.
+                let opened = tokio::select! {
+                    r = client.generate(ReceiverStream::new(rx)) => r,
+                    _ = tokio::time::sleep_until(earliest.into()) => {
+                        return Err(self.fail_all(inflight, "the Generate stream did not open within group_timeout (worker hung?)"));
+                    }
+                };
+                match opened {
                     Ok(resp) => inbound = Some(resp.into_inner()),
                     Err(st) => {
                         return Err(self.fail_all(inflight, &format!("Generate failed ({:?}): {}", st.code(), st.message())))
@@ -788,7 +797,6 @@ impl Session {
                 }
             }
             let Some(stream) = inbound.as_mut() else { unreachable!("opened above") };
-            let earliest = inflight.values().map(|f| f.deadline).min().expect("non-empty");
             let msg = tokio::select! {
                 m = stream.message() => m,
                 _ = tokio::time::sleep_until(earliest.into()) => {
