@@ -217,7 +217,7 @@ async fn chart_lints_renders_and_is_accepted_by_the_api_server() {
     // Dashboards: one ConfigMap per JSON file, labelled for the Grafana sidecar, valid JSON.
     let boards: Vec<&Value> = of_kind(&docs, "ConfigMap")
         .into_iter()
-        .filter(|c| c["metadata"]["labels"]["grafana_dashboard"] == Value::from("1"))
+        .filter(|c| c["metadata"]["labels"]["grafana_dashboard"] == "1")
         .collect();
     assert_eq!(boards.len(), 3, "dashboards ConfigMaps");
     for b in &boards {

@@ -195,7 +195,7 @@ fn interrupting_run_leaves_a_checkpoint_and_rerunning_resumes_to_the_end() {
     assert!(stderr.contains("run the same command again to resume"), "{stderr}");
     let st = json(&work.join("tiny-sft/status.json"));
     let step = st["progress"]["step"].as_u64().unwrap();
-    assert!(step >= 3 && step < 300, "{st}");
+    assert!((3..300).contains(&step), "{st}");
     assert!(work.join(format!("tiny-sft/checkpoints/ckpt-{step:010}")).is_dir(), "no checkpoint at step {step}");
 
     let again = onevision_run(&manifest, &work, fx.path()).output().unwrap();

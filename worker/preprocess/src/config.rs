@@ -164,6 +164,8 @@ pub struct ImageConfig {
     pub do_normalize: bool,
 }
 
+// The constants as the HF processor config spells them (OpenAI CLIP's), not f32's shortest form.
+#[allow(clippy::excessive_precision)]
 impl Default for ImageConfig {
     fn default() -> Self {
         Self {
@@ -277,7 +279,7 @@ impl ImageConfig {
         if c.min_pixels > c.max_pixels {
             return Err(config_err(path, format!("min_pixels {} exceeds max_pixels {}", c.min_pixels, c.max_pixels)));
         }
-        if c.image_std.iter().any(|s| *s == 0.0) {
+        if c.image_std.contains(&0.0) {
             return Err(config_err(path, "image_std must not contain 0"));
         }
         Ok(c)

@@ -25,11 +25,7 @@ pub struct Encoding {
 
 impl Encoding {
     pub fn num_patches(&self) -> usize {
-        if self.patch_dim == 0 {
-            0
-        } else {
-            self.pixel_values.len() / self.patch_dim
-        }
+        self.pixel_values.len().checked_div(self.patch_dim).unwrap_or(0)
     }
 }
 

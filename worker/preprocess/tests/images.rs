@@ -13,9 +13,11 @@ use onevision_preprocess::{
 const MIN: usize = 3136;
 const MAX: usize = 12_845_056;
 
+type ResizeRow = ((usize, usize, usize, usize), (usize, usize));
+
 /// (h, w, min_pixels, max_pixels) → (h', w'), every row printed by
 /// `transformers.models.qwen2_vl.image_processing_qwen2_vl.smart_resize` (transformers 4.57.6).
-const SMART_RESIZE_TABLE: &[((usize, usize, usize, usize), (usize, usize))] = &[
+const SMART_RESIZE_TABLE: &[ResizeRow] = &[
     ((480, 640, MIN, MAX), (476, 644)), // the documented example: grid [1,34,46]
     ((70, 100, MIN, MAX), (56, 112)),   // 70/28 = 2.5 rounds to even 2
     ((42, 98, MIN, MAX), (56, 112)),    // 1.5 -> 2 and 3.5 -> 4: halves to even both ways

@@ -149,10 +149,10 @@ fn image_count_mismatch_is_a_typed_error() {
     let err = p.encode_chat(&[Message::user_with_images(1, "x")], &[]).unwrap_err();
     assert!(matches!(err, PreprocessError::ImageCountMismatch { placeholders: 1, images: 0, .. }), "{err:?}");
     // an image but no image item
-    let err = p.encode_chat(&[Message::user_with_images(0, "x")], &[img.clone()]).unwrap_err();
+    let err = p.encode_chat(&[Message::user_with_images(0, "x")], std::slice::from_ref(&img)).unwrap_err();
     assert!(matches!(err, PreprocessError::ImageCountMismatch { placeholders: 0, images: 1, .. }), "{err:?}");
     // a literal <|image_pad|> typed into the text makes one placeholder too many
-    let err = p.encode_chat(&[Message::user_with_images(1, "look: <|image_pad|>")], &[img.clone()]).unwrap_err();
+    let err = p.encode_chat(&[Message::user_with_images(1, "look: <|image_pad|>")], std::slice::from_ref(&img)).unwrap_err();
     assert!(matches!(err, PreprocessError::ImageCountMismatch { placeholders: 2, images: 1, .. }), "{err:?}");
     assert!(err.to_string().contains("<|image_pad|>"), "{err}");
     // pre-rendered text path

@@ -282,8 +282,9 @@ mod tests {
     #[test]
     fn comm_selection_table() {
         use CommOverride::*;
+        type Row = (Option<CommOverride>, i32, u32, bool, Option<bool>, bool, bool);
         #[rustfmt::skip]
-        let table: &[(Option<CommOverride>, i32, u32, bool, Option<bool>, bool, bool)] = &[
+        let table: &[Row] = &[
             // forced,   gpus, world, probe ok, -> nccl?,      probe runs, fallback
             (None,        0,    4,    true,     Some(false),   false,      false),
             (None,        0,    1,    true,     Some(false),   false,      false),

@@ -231,25 +231,25 @@ fn validate(o: &InitOptions) -> Result<Vec<usize>> {
             return bad(format!("--{name} must be positive"));
         }
     }
-    if o.hidden_size % o.num_attention_heads != 0 || (o.hidden_size / o.num_attention_heads) % 8 != 0 {
+    if !o.hidden_size.is_multiple_of(o.num_attention_heads) || !(o.hidden_size / o.num_attention_heads).is_multiple_of(8) {
         return bad(format!(
             "--hidden-size {} / --heads {} must give a head_dim that is a multiple of 8 (M-RoPE splits it 1:1.5:1.5 per half)",
             o.hidden_size, o.num_attention_heads
         ));
     }
-    if o.num_attention_heads % o.num_key_value_heads != 0 {
+    if !o.num_attention_heads.is_multiple_of(o.num_key_value_heads) {
         return bad(format!(
             "--heads {} must be a multiple of --kv-heads {}",
             o.num_attention_heads, o.num_key_value_heads
         ));
     }
-    if o.vision_hidden_size % o.vision_num_heads != 0 || (o.vision_hidden_size / o.vision_num_heads) % 4 != 0 {
+    if !o.vision_hidden_size.is_multiple_of(o.vision_num_heads) || !(o.vision_hidden_size / o.vision_num_heads).is_multiple_of(4) {
         return bad(format!(
             "--vision-hidden-size {} / --vision-heads {} must give a head_dim that is a multiple of 4 (2-D rotary)",
             o.vision_hidden_size, o.vision_num_heads
         ));
     }
-    if o.window_size == 0 || o.window_size % (PATCH * MERGE) != 0 {
+    if o.window_size == 0 || !o.window_size.is_multiple_of(PATCH * MERGE) {
         return bad(format!("--window-size must be a positive multiple of 28, got {}", o.window_size));
     }
     let full = o.fullatt_block_indexes.clone().unwrap_or_else(|| vec![o.vision_depth - 1]);

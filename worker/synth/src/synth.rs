@@ -211,7 +211,7 @@ pub fn prompt(question: &str) -> String {
 }
 
 fn validate(opts: &SynthOptions) -> Result<()> {
-    if opts.image_size < 56 || opts.image_size % 28 != 0 || opts.image_size > 1008 {
+    if opts.image_size < 56 || !opts.image_size.is_multiple_of(28) || opts.image_size > 1008 {
         return Err(Error::InvalidOption(format!(
             "--image-size must be a multiple of 28 between 56 and 1008 (no resize is then needed), got {}",
             opts.image_size
