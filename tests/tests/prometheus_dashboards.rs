@@ -52,7 +52,7 @@ impl Drop for Killed {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    onevision_comms::ports::free_port().unwrap()
 }
 
 async fn get(addr: SocketAddr, path_and_query: &str) -> std::io::Result<(u16, String)> {

@@ -51,7 +51,7 @@ spec:
 "#;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    onevision_comms::ports::free_port().unwrap()
 }
 
 /// `onevision run` of `manifest` with `ONEVISION_PEAK_TFLOPS` set to `peak` (removed when `None`).

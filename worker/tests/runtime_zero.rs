@@ -5,7 +5,6 @@
 
 mod runtime_common;
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -42,7 +41,7 @@ spec:
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    onevision_comms::ports::free_port().unwrap()
 }
 
 /// A GRPOJob with two policy updates per batch (`iterationsPerBatch: 2`). The random fixture

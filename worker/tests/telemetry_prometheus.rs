@@ -78,7 +78,7 @@ impl Drop for Stopped {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    onevision_comms::ports::free_port().unwrap()
 }
 
 /// HTTP/1.0 GET; returns (status code, body).

@@ -17,7 +17,7 @@ use otlp_receiver::{attr_int, attr_str, named, Receiver, Received};
 use runtime_common::Fixture;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    onevision_comms::ports::free_port().unwrap()
 }
 
 /// Walks the parents of `span` inside its service's spans; true when `ancestor` is among them.

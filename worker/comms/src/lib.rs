@@ -10,11 +10,13 @@
 //!   publishes (rank 0) or receives (other ranks) the NCCL unique id.
 //! - [`weights`]: chunking and validating `UpdateWeights` streams.
 //! - [`health`]: `grpc.health.v1` checks.
+//! - [`ports`]: ports chosen for processes told where to listen before they start.
 
 mod communicator;
 pub mod coordinator;
 mod error;
 pub mod health;
+pub mod ports;
 mod rendezvous;
 mod ring;
 pub mod weights;

@@ -104,9 +104,9 @@ fn write_metrics_targets(dir: &Path, targets: &[(String, String, String)]) -> Re
     Ok(path)
 }
 
+/// A port for a child to listen on (below the ephemeral range: see [`onevision_comms::ports`]).
 fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io_err("127.0.0.1:0"))?;
-    Ok(l.local_addr().map_err(io_err("127.0.0.1:0"))?.port())
+    onevision_comms::ports::free_port().map_err(io_err("a free local port"))
 }
 
 fn absolute(p: &Path) -> PathBuf {
