@@ -233,6 +233,11 @@ fn attention_cases() -> Vec<(AttnDims, AttnSpec)> {
             AttnDims { b: 2, t: 2, s: 12, hq: 4, hkv: 2, d: 16 },
             AttnSpec { scale: 0.3, mask: AttnMask::Causal { q_offset: 9, key_start: vec![0, 4] }, kv_len: 11 },
         ),
+        // A decode step at head_dim 72 (Qwen's 128 is too slow for the finite differences).
+        (
+            AttnDims { b: 2, t: 1, s: 10, hq: 4, hkv: 2, d: 72 },
+            AttnSpec { scale: 0.2, mask: AttnMask::Causal { q_offset: 8, key_start: vec![0, 3] }, kv_len: 9 },
+        ),
         // Segments and causal rows longer than one 64-query chunk (small heads for FD speed).
         (
             AttnDims { b: 1, t: 75, s: 75, hq: 2, hkv: 1, d: 2 },
