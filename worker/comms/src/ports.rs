@@ -1,7 +1,7 @@
 //! Ports chosen for a process that is told where to listen before it starts (the local runner's
 //! coordinator and `/metrics` addresses, tests that start servers as child processes).
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::net::TcpListener;
 use std::sync::Mutex;
 
@@ -12,7 +12,7 @@ const FLOOR: u16 = 20_000;
 
 /// Ports this process already handed out (a check-bind releases the port at once, so two calls
 /// could otherwise return the same one).
-static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
 
 /// A TCP port that is free now, for another process to listen on.
 ///
@@ -26,7 +26,7 @@ pub fn free_port() -> std::io::Result<u16> {
     let lo = ephemeral_range_start().unwrap_or(32_768);
     if lo > FLOOR + 1_000 {
         let mut handed = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(port) = pick(FLOOR..lo, handed.get_or_insert_with(HashSet::new)) {
+        if let Some(port) = pick(FLOOR..lo, &mut handed) {
             return Ok(port);
         }
     }
@@ -34,7 +34,7 @@ pub fn free_port() -> std::io::Result<u16> {
 }
 
 /// A random port of `range` that binds on every address and is not in `handed` (then added).
-fn pick(range: std::ops::Range<u16>, handed: &mut HashSet<u16>) -> Option<u16> {
+fn pick(range: std::ops::Range<u16>, handed: &mut BTreeSet<u16>) -> Option<u16> {
     let mut rng = rand::rng();
     for _ in 0..256 {
         let port = rng.random_range(range.clone());
@@ -60,7 +60,7 @@ mod tests {
     fn ports_are_distinct_bindable_and_below_the_ephemeral_range() {
         let lo = ephemeral_range_start().unwrap_or(32_768);
         let ports: Vec<u16> = (0..200).map(|_| free_port().unwrap()).collect();
-        let distinct: HashSet<u16> = ports.iter().copied().collect();
+        let distinct: BTreeSet<u16> = ports.iter().copied().collect();
         assert_eq!(distinct.len(), ports.len(), "a port was handed out twice");
         for &p in &ports {
             if lo > FLOOR + 1_000 {
@@ -73,20 +73,19 @@ mod tests {
     #[test]
     fn a_port_someone_listens_on_is_not_handed_out() {
         // Three ports in a row of the window, two held by listeners: only the third may come back.
-        let (base, held) = (FLOOR..u16::MAX - 3)
+        let (base, mut held) = (FLOOR..u16::MAX - 3)
             .step_by(97)
             .find_map(|b| {
                 let l: Vec<TcpListener> = (b..b + 3).filter_map(|p| TcpListener::bind(("0.0.0.0", p)).ok()).collect();
                 (l.len() == 3).then_some((b, l))
             })
             .expect("three free ports in a row");
-        let mut held = held;
         drop(held.remove(1));
         for _ in 0..20 {
-            assert_eq!(pick(base..base + 3, &mut HashSet::new()), Some(base + 1));
+            assert_eq!(pick(base..base + 3, &mut BTreeSet::new()), Some(base + 1));
         }
         // Once handed out, not again; with nothing else free, no port.
-        let mut handed = HashSet::from([base + 1]);
+        let mut handed = BTreeSet::from([base + 1]);
         assert_eq!(pick(base..base + 3, &mut handed), None);
     }
 }
