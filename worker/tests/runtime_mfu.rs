@@ -13,7 +13,7 @@ use onevision::training::Encoder;
 use onevision_data::{Dataset, ReadOptions};
 use onevision_model::flops::{train_step_flops, VisionTrainable};
 use onevision_model::{PromptInput, Qwen25VlConfig};
-use runtime_common::{metrics, Fixture};
+use runtime_common::{free_port, metrics, Fixture};
 
 const PEAK_TFLOPS: f64 = 1.0;
 
@@ -49,10 +49,6 @@ spec:
   eval: {dataset: {path: /data/data/heldout.jsonl}, everySteps: 100}
   checkpoint: {everySteps: 100}
 "#;
-
-fn free_port() -> u16 {
-    onevision_comms::ports::free_port().unwrap()
-}
 
 /// `onevision run` of `manifest` with `ONEVISION_PEAK_TFLOPS` set to `peak` (removed when `None`).
 fn run(fx: &Fixture, manifest: &str, work: &str, peak: Option<f64>) {

@@ -120,7 +120,7 @@ spec:
         ),
     )
     .unwrap();
-    let port = onevision_comms::ports::free_port().unwrap();
+    let port = runtime_common::free_port();
     Command::new(env!("CARGO_BIN_EXE_onevision"))
         .args(["trainer", "--job"])
         .arg(&job)
@@ -185,7 +185,7 @@ spec:
         ),
     )
     .unwrap();
-    let port = onevision_comms::ports::free_port().unwrap();
+    let port = runtime_common::free_port();
     let logs: Vec<_> = (0..2).map(|r| fx.path().join(format!("rank{r}.log"))).collect();
     let mut children: Vec<_> = (0..2)
         .map(|rank| {

@@ -37,7 +37,7 @@ fn trainer(job: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_onevision"));
     c.args(["trainer", "--job"]).arg(job);
     // A world of one on a free coordinator port; no operator env needed.
-    let port = onevision_comms::ports::free_port().unwrap();
+    let port = runtime_common::free_port();
     c.env("ONEVISION_COORDINATOR", format!("127.0.0.1:{port}")).env("ONEVISION_RING_BIND", "127.0.0.1:0");
     c
 }

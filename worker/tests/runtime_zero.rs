@@ -19,7 +19,7 @@ use onevision_data::{Dataset, ReadOptions};
 use onevision_model::{CpuBackend, DType, Qwen25Vl};
 use onevision_operator::job::AnyJob;
 use onevision_train::{checkpoint, AdamWConfig, Schedule, ScheduleKind, TensorMap, Warmup};
-use runtime_common::{metrics, on_tcp_ring, Fixture};
+use runtime_common::{free_port, metrics, on_tcp_ring, Fixture};
 
 fn job_yaml(fx: &Fixture, out: &Path, nodes: usize, zero: i32, every: u32) -> String {
     format!(
@@ -38,10 +38,6 @@ spec:
         train = fx.train().display(),
         out = out.display(),
     )
-}
-
-fn free_port() -> u16 {
-    onevision_comms::ports::free_port().unwrap()
 }
 
 /// A GRPOJob with two policy updates per batch (`iterationsPerBatch: 2`). The random fixture

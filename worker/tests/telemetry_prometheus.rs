@@ -77,10 +77,6 @@ impl Drop for Stopped {
     }
 }
 
-fn free_port() -> u16 {
-    onevision_comms::ports::free_port().unwrap()
-}
-
 /// HTTP/1.0 GET; returns (status code, body).
 async fn get(addr: SocketAddr, path_and_query: &str) -> std::io::Result<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
@@ -179,7 +175,7 @@ fn start_prometheus(prometheus: &Path, dir: &Path, sd: &str) -> (Killed, SocketA
         ),
     )
     .unwrap();
-    let web: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let web: SocketAddr = format!("127.0.0.1:{}", runtime_common::free_port()).parse().unwrap();
     let log_path = dir.join("prometheus.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let child = Command::new(prometheus)
@@ -237,8 +233,8 @@ async fn a_local_grpo_run_fills_the_training_dashboard() {
     // Free ports instead of the defaults (29500, 50051), which other local runs may hold.
     let text = std::fs::read_to_string(&manifest)
         .unwrap()
-        .replace("MASTER", &free_port().to_string())
-        .replace("COORD", &free_port().to_string());
+        .replace("MASTER", &runtime_common::free_port().to_string())
+        .replace("COORD", &runtime_common::free_port().to_string());
     std::fs::write(&manifest, text).unwrap();
     let run_log = fx.path().join("run.log");
     let run = Command::new(env!("CARGO_BIN_EXE_onevision"))

@@ -14,11 +14,7 @@ use std::time::Duration;
 
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use otlp_receiver::{attr_int, attr_str, named, Receiver, Received};
-use runtime_common::Fixture;
-
-fn free_port() -> u16 {
-    onevision_comms::ports::free_port().unwrap()
-}
+use runtime_common::{free_port, Fixture};
 
 /// Walks the parents of `span` inside its service's spans; true when `ancestor` is among them.
 fn descends_from(spans: &[&Received], span: &Received, ancestor: &Received) -> bool {

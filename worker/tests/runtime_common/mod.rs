@@ -10,6 +10,11 @@ use std::time::{Duration, Instant};
 use onevision_comms::{RingConfig, TcpRingCommunicator};
 use onevision_synth::{init_model, synth, Family, InitOptions, SynthOptions};
 
+/// A port for a child process to listen on (see `onevision_comms::ports`).
+pub fn free_port() -> u16 {
+    onevision_comms::ports::free_port().unwrap()
+}
+
 /// Runs `f(rank, input, communicator)` for each input on its own thread, the threads joined by a
 /// real TCP ring on loopback (world = number of inputs); results in rank order.
 pub fn on_tcp_ring<I: Send + 'static, T: Send + 'static>(
