@@ -238,6 +238,17 @@ fn attention_cases() -> Vec<(AttnDims, AttnSpec)> {
             AttnDims { b: 2, t: 1, s: 10, hq: 4, hkv: 2, d: 72 },
             AttnSpec { scale: 0.2, mask: AttnMask::Causal { q_offset: 8, key_start: vec![0, 3] }, kv_len: 9 },
         ),
+        // Decode steps through the AVX2 path with four query heads per KV head (the four-head
+        // score reduction) and with six (four + two single heads); 19 and 13 keys leave
+        // remainders after the 8-wide softmax chunks.
+        (
+            AttnDims { b: 2, t: 1, s: 20, hq: 4, hkv: 1, d: 16 },
+            AttnSpec { scale: 0.4, mask: AttnMask::Causal { q_offset: 18, key_start: vec![0, 6] }, kv_len: 19 },
+        ),
+        (
+            AttnDims { b: 1, t: 1, s: 14, hq: 12, hkv: 2, d: 8 },
+            AttnSpec { scale: 0.35, mask: AttnMask::Causal { q_offset: 12, key_start: vec![0] }, kv_len: 13 },
+        ),
         // Segments and causal rows longer than one 64-query chunk (small heads for FD speed).
         (
             AttnDims { b: 1, t: 75, s: 75, hq: 2, hkv: 1, d: 2 },

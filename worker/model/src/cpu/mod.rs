@@ -1,4 +1,5 @@
 //! The CPU backend: the numerical oracle for CUDA and what tests and the local runner use.
+pub mod hot;
 pub mod kernels;
 pub mod packed;
 
