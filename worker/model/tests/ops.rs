@@ -249,6 +249,12 @@ fn attention_cases() -> Vec<(AttnDims, AttnSpec)> {
             AttnDims { b: 1, t: 1, s: 14, hq: 12, hkv: 2, d: 8 },
             AttnSpec { scale: 0.35, mask: AttnMask::Causal { q_offset: 12, key_start: vec![0] }, kv_len: 13 },
         ),
+        // Seven query heads per KV head (Qwen2.5-VL-7B's 28/4): an unpaired head in P·V, and
+        // head_dim 24 (a three-register strip).
+        (
+            AttnDims { b: 2, t: 1, s: 11, hq: 7, hkv: 1, d: 24 },
+            AttnSpec { scale: 0.3, mask: AttnMask::Causal { q_offset: 9, key_start: vec![0, 2] }, kv_len: 10 },
+        ),
         // Segments and causal rows longer than one 64-query chunk (small heads for FD speed).
         (
             AttnDims { b: 1, t: 75, s: 75, hq: 2, hkv: 1, d: 2 },
