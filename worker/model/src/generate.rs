@@ -152,21 +152,20 @@ pub fn sample_token(logits: &[f32], history: &[u32], p: &SamplingParams, rng: &m
     }
     let inv_t = 1.0 / p.temperature;
     thread_local! {
-        /// The terms of the sampling distribution, kept for the walk (one vocabulary per thread).
-        static TERMS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        /// The terms of the sampling distribution, kept for the walk, and the raw (T = 1) terms
+        /// for the log-prob's normaliser (one vocabulary each per thread).
+        static TERMS: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
     }
-    TERMS.with_borrow_mut(|terms| {
-        // One f32 exp per id (8-wide, ≤ 2 ulp), summed in f64: the normaliser is as accurate as the exps (~2e-7
-        // relative), and the walk re-adds the same terms in the same order, so it ends inside the
-        // vocabulary; `last` only guards against `target` rounding up to z_t.
+    TERMS.with_borrow_mut(|(terms, raw)| {
+        // One f32 exp per id (8-wide, ≤ 2 ulp), summed in f64: the normaliser is as accurate as
+        // the exps (~2e-7 relative), and the walk re-adds the same terms in the same order, so it
+        // ends inside the vocabulary; `last` only guards against `target` rounding up to z_t.
         crate::cpu::kernels::exp_shift_scale(logits, mx, inv_t, terms);
         let z_t: f64 = terms.iter().map(|&e| e as f64).sum();
-        // The raw (T = 1) normaliser for the log-prob.
         let z_1 = if inv_t == 1.0 {
             z_t
         } else {
-            let mut raw = Vec::new();
-            crate::cpu::kernels::exp_shift_scale(logits, mx, 1.0, &mut raw);
+            crate::cpu::kernels::exp_shift_scale(logits, mx, 1.0, raw);
             raw.iter().map(|&e| e as f64).sum()
         };
         let target = rng.random::<f64>() * z_t;

@@ -190,7 +190,7 @@ pub fn swiglu<T: Real>(gate: &[T], up: &[T]) -> Vec<T> {
     y
 }
 
-/// `s` as f32 when `T` is f32.
+/// `s` as f32 when `T` is f32 (the kernels are generic; their AVX2 paths are f32 only).
 pub(crate) fn as_f32<T: Real>(s: &[T]) -> Option<&[f32]> {
     // SAFETY: T is f32 (checked), so the slice is the same memory with the same type.
     (std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()).then(|| unsafe { std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len()) })
@@ -596,11 +596,10 @@ unsafe fn attend_few<T: Real>(q: &[T], k: &[T], v: &[T], dims: &AttnDims, blk: &
 #[allow(clippy::too_many_arguments)]
 unsafe fn attend_few_dispatch<T: Real>(q: &[T], k: &[T], v: &[T], dims: &AttnDims, blk: &Block, heads: Range<usize>, scale: T, out: SendPtr<T>) {
     #[cfg(target_arch = "x86_64")]
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && super::packed::available() {
-        // SAFETY: T is f32 (checked above), so these are the same slices and pointer.
-        let f = |s: &[T]| std::slice::from_raw_parts(s.as_ptr() as *const f32, s.len());
+    if let (Some(q), Some(k), Some(v), true) = (as_f32(q), as_f32(k), as_f32(v), super::packed::available()) {
+        // SAFETY: T is f32 (as_f32 checked), so the scale and the pointer are f32 too.
         let scale = *(&scale as *const T as *const f32);
-        return attend_few_avx2(f(q), f(k), f(v), dims, blk, heads, scale, SendPtr(out.get() as *mut f32));
+        return attend_few_avx2(q, k, v, dims, blk, heads, scale, SendPtr(out.get() as *mut f32));
     }
     attend_few(q, k, v, dims, blk, heads, scale, out)
 }
@@ -774,7 +773,7 @@ unsafe fn hsum256(a: std::arch::x86_64::__m256) -> f32 {
 }
 
 /// e^x for eight lanes: Cephes' `expf` (x = n·ln 2 + r, |r| ≤ ln 2 / 2, degree-6 polynomial
-/// for e^r, 2ⁿ built in the exponent bits), within 2 ulp of libm over [-87, 88]. Inputs below
+/// for e^r, 2ⁿ built in the exponent bits), within 2 ulp of the exact value over [-87, 88]. Inputs below
 /// -87 give e^-87 ≈ 1.6e-38 (used only on x − max ≤ 0, where such terms are negligible
 /// beside the max's 1); NaN is not expected.
 #[cfg(target_arch = "x86_64")]
