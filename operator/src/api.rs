@@ -296,6 +296,11 @@ pub struct EvalSpec {
     /// Optional separate evaluation dataset (overrides `fraction`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataset: Option<PathSpec>,
+    /// Also score sampled answers (verl's `val_kwargs`): `samples` completions per question at
+    /// this temperature and top-p, reported as their mean accuracy (DeepSeek-R1's pass@1,
+    /// mean@k) next to the greedy accuracy. Absent: greedy only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<EvalSampling>,
 }
 
 impl Default for EvalSpec {
@@ -304,8 +309,35 @@ impl Default for EvalSpec {
             fraction: 0.0,
             every_steps: default_every_steps(),
             dataset: None,
+            sampling: None,
         }
     }
+}
+
+/// `eval.sampling`: sampled evaluation settings (defaults: DeepSeek-R1's T 0.6, top-p 0.95).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EvalSampling {
+    /// Completions per question; the reported accuracy is their mean.
+    #[serde(default = "default_eval_samples")]
+    #[schemars(range(min = 1, max = 64))]
+    pub samples: i32,
+    #[serde(default = "default_eval_temperature")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 10.0").message("eval.sampling.temperature must be in (0, 10]"))]
+    pub temperature: f64,
+    #[serde(default = "default_eval_top_p")]
+    #[x_kube(validation = Rule::new("self > 0.0 && self <= 1.0").message("eval.sampling.topP must be in (0, 1]"))]
+    pub top_p: f64,
+}
+
+fn default_eval_samples() -> i32 {
+    8
+}
+fn default_eval_temperature() -> f64 {
+    0.6
+}
+fn default_eval_top_p() -> f64 {
+    0.95
 }
 
 /// Job-level failure, suspension and cleanup policy.

@@ -100,6 +100,30 @@ fn sft_run_skips_plots_without_data() {
 }
 
 #[test]
+fn held_out_evaluations_are_plotted_under_the_keys_the_trainer_writes() {
+    // An SFT run has no training accuracy; its held-out evaluations (every 2 steps here) are the
+    // accuracy plot's only data, under the keys runtime/trainer.rs adds to the step's line.
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = dir.path().join("metrics.jsonl");
+    let lines: String = (1..=4)
+        .map(|s| {
+            let mut line = StepMetrics { step: s, loss: 2.0, ..Default::default() }.to_json();
+            if s % 2 == 0 {
+                line["eval_accuracy"] = serde_json::json!(0.1 * s as f64);
+                line["eval_accuracy_sampled"] = serde_json::json!(0.05 * s as f64);
+            }
+            line.to_string() + "\n"
+        })
+        .collect();
+    std::fs::write(&metrics, lines).unwrap();
+    let report = generate(&metrics, dir.path(), (400, 300)).expect("report");
+    let names: Vec<String> = report.plots.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, ["loss.png", "accuracy.png", "throughput.png"]);
+    let html = std::fs::read_to_string(dir.path().join("index.html")).unwrap();
+    assert!(html.contains("accuracy.png"), "{html}");
+}
+
+#[test]
 fn malformed_lines_are_errors_naming_the_line() {
     let dir = tempfile::tempdir().unwrap();
     let metrics = dir.path().join("metrics.jsonl");

@@ -32,7 +32,7 @@ spec:
   storage: {persistentVolumeClaim: {claimName: data}}
   trainer: {nodes: 2, image: onevision:test}
   hyperparameters: {learningRate: 1.0e-2, globalBatchSize: 8, microBatchSize: 2, maxSteps: 6, lrSchedule: constant}
-  eval: {dataset: {path: /data/data/heldout.jsonl}, everySteps: 3}
+  eval: {dataset: {path: /data/data/heldout.jsonl}, everySteps: 3, sampling: {samples: 3, temperature: 1.0}}
   checkpoint: {everySteps: 3, keep: 2}
 "#;
 
@@ -78,7 +78,15 @@ fn run_writes_metrics_status_checkpoints_and_models_for_sft_then_grpo() {
         let by = &st["evaluation"][when]["byCategory"];
         assert_eq!(by.as_object().map(|o| o.len()), Some(1), "{st}");
         assert_eq!((by["color"]["n"].as_u64(), by["color"]["accuracy"].as_f64()), (Some(6), Some(a)), "{st}");
+        // eval.sampling: the mean over 3 samples of 6 questions (both ranks' shards), so a
+        // multiple of 1/18, with its settings (topP defaulted).
+        let s = &st["evaluation"][when]["sampled"];
+        assert_eq!((s["samples"].as_u64(), s["temperature"].as_f64(), s["topP"].as_f64()), (Some(3), Some(1.0), Some(0.95)), "{st}");
+        let sa = s["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&sa) && ((sa * 18.0).round() - sa * 18.0).abs() < 1e-9, "{st}");
+        assert_eq!(s["byCategory"]["color"].as_f64(), Some(sa), "{st}");
     }
+    assert!(m[2]["eval_accuracy_sampled"].as_f64().is_some(), "no sampled evaluation at step 3: {}", m[2]);
     assert!(st["conditions"].as_array().unwrap().iter().any(|c| c["type"] == "Succeeded" && c["status"] == "True"));
     assert!(sft.join("checkpoints/ckpt-0000000006").is_dir());
     assert!(sft.join("config.json").is_file() && sft.join("model.safetensors").is_file() && sft.join("tokenizer.json").is_file());
@@ -103,6 +111,7 @@ fn run_writes_metrics_status_checkpoints_and_models_for_sft_then_grpo() {
     assert_eq!(st["phase"], "Succeeded");
     assert_eq!(st["modelPath"], sft.display().to_string());
     assert_eq!(st["evaluation"]["after"]["n"], 6);
+    assert!(st["evaluation"]["after"].get("sampled").is_none(), "no eval.sampling, no sampled block: {st}");
     assert!(st["progress"]["reward"].as_f64().is_some());
     assert!(grpo.join("model.safetensors").is_file());
 

@@ -206,6 +206,15 @@ pub fn generate_group(model: &Qwen25Vl, prompt: &PromptInput, n: usize, params: 
     Ok(run_to_end(model, std::slice::from_ref(&job))?.into_iter().flatten().collect())
 }
 
+/// Several prompt groups decoded together, each with its own sampling parameters and seed (held-out
+/// evaluation with `k` samples per question): the generations of each job, in job order.
+pub fn generate_groups(model: &Qwen25Vl, jobs: &[GroupJob<'_>]) -> Result<Vec<Vec<Generation>>> {
+    for j in jobs {
+        j.params.validate()?;
+    }
+    run_to_end(model, jobs)
+}
+
 /// Decodes `jobs` together to the end; the generations of each job, in job order.
 fn run_to_end(model: &Qwen25Vl, jobs: &[GroupJob<'_>]) -> Result<Vec<Vec<Generation>>> {
     // Runs on the calling thread. (Moving the loop onto a rayon worker with `rayon::scope` made

@@ -17,7 +17,7 @@ pub mod model;
 pub mod vision;
 pub use model::{KvCache, Prefill, PromptInput, Qwen25Vl, TextLayer, TextWeights, VisionBlock, VisionWeights};
 pub mod generate;
-pub use generate::{generate, generate_group, Generation, SamplingParams};
+pub use generate::{generate, generate_group, generate_groups, Generation, GroupJob, SamplingParams};
 pub mod flops;
 pub mod npy;
 pub mod train;

@@ -143,7 +143,12 @@ const PLOTS: &[PlotSpec] = &[
         file: "accuracy.png",
         title: "Accuracy",
         y_label: "fraction correct",
-        fields: &[Field::Key("accuracy", "train"), Field::Key("eval/accuracy", "eval")],
+        // The trainer's `eval_accuracy` / `eval_accuracy_sampled` (runtime/trainer.rs), on evaluation steps.
+        fields: &[
+            Field::Key("accuracy", "train"),
+            Field::Key("eval_accuracy", "held-out, greedy"),
+            Field::Key("eval_accuracy_sampled", "held-out, sampled"),
+        ],
     },
     PlotSpec { file: "kl.png", title: "KL divergence to the reference", y_label: "KL", fields: &[Field::Key("kl", "kl")] },
     PlotSpec {

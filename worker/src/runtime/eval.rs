@@ -1,16 +1,17 @@
 //! Held-out evaluation: greedy generation on each question, scored with the accuracy reward
-//! (answer tag or last `\boxed{}` against the ground truth). Questions are sharded over ranks and
-//! the counts summed, so every rank returns the same result.
+//! (answer tag or last `\boxed{}` against the ground truth), and with `eval.sampling` the mean
+//! accuracy of k sampled answers per question (DeepSeek-R1's pass@1). Questions are sharded over
+//! ranks and the counts summed, so every rank returns the same result.
 
-use std::collections::BTreeMap;
 
 use onevision_comms::Communicator;
 use onevision_data::Sample;
-use onevision_model::{generate, Qwen25Vl, SamplingParams};
+use onevision_model::{generate, generate_groups, Generation, GroupJob, Qwen25Vl, SamplingParams};
 use onevision_rewards::{extract_answer, AccuracyReward, Reward, RewardRequest};
 
 use super::dist::all_reduce_scalars;
-use super::{CategoryAccuracy, EvalResult, Result};
+use super::settings::EvalSampling;
+use super::{CategoryAccuracy, EvalResult, Result, SampledAccuracy};
 use crate::training::Encoder;
 
 /// Prompts generated together (left-padded batch with a shared KV cache).
@@ -69,8 +70,107 @@ pub fn categories(samples: &[Sample]) -> Vec<String> {
     c
 }
 
-/// Greedy answers of `model` to this rank's `samples`, scored; counts summed over ranks, in total
-/// and per entry of `categories` (see [`categories`]).
+/// The RNG seed of a question's sampled answers: FNV-1a of its id, so a question gets the same
+/// draws whichever rank's shard holds it and wherever it sits in the file.
+pub fn question_seed(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Generated answers to `questions` (decoded text), in order: one greedy answer per question and,
+/// with `sampling`, `sampling.samples` sampled ones (seeded by [`question_seed`]).
+pub fn answer_questions(
+    model: &Qwen25Vl,
+    enc: &Encoder,
+    questions: &[&Sample],
+    max_new_tokens: usize,
+    sampling: Option<&EvalSampling>,
+) -> Result<Vec<(String, Vec<String>)>> {
+    let greedy = SamplingParams { max_new_tokens, temperature: 0.0, ..Default::default() };
+    let decode = |g: &Generation| enc.processor().decode(&g.token_ids, true).map_err(crate::training::TrainingError::from);
+    let mut out = Vec::with_capacity(questions.len());
+    for chunk in questions.chunks(EVAL_BATCH) {
+        let prompts = chunk.iter().map(|s| enc.encode_prompt(s)).collect::<std::result::Result<Vec<_>, _>>()?;
+        let gens = generate(model, &prompts, &greedy).map_err(crate::training::TrainingError::from)?;
+        let mut sampled: Vec<Vec<String>> = vec![Vec::new(); chunk.len()];
+        if let Some(e) = sampling {
+            let params: Vec<SamplingParams> = chunk
+                .iter()
+                .map(|s| SamplingParams { max_new_tokens, temperature: e.temperature as f32, top_p: e.top_p as f32, seed: question_seed(&s.id), ..Default::default() })
+                .collect();
+            let jobs: Vec<GroupJob<'_>> = prompts
+                .iter()
+                .zip(&params)
+                .enumerate()
+                .map(|(i, (prompt, params))| GroupJob { tag: i as u64, prompt, n: e.samples, params, first_stream: 0 })
+                .collect();
+            for (slot, group) in sampled.iter_mut().zip(generate_groups(model, &jobs).map_err(crate::training::TrainingError::from)?) {
+                *slot = group.iter().map(decode).collect::<std::result::Result<_, _>>()?;
+            }
+        }
+        for (g, s) in gens.iter().zip(sampled) {
+            out.push((decode(g)?, s));
+        }
+    }
+    Ok(out)
+}
+
+/// The questions an evaluation scores: those with a ground truth.
+fn scored_samples(samples: &[Sample]) -> Vec<&Sample> {
+    samples
+        .iter()
+        .filter(|s| {
+            let ok = ground_truth(s).is_some();
+            if !ok {
+                tracing::warn!(id = %s.id, "evaluation sample has no answer; skipped");
+            }
+            ok
+        })
+        .collect()
+}
+
+/// Per-question sums of an evaluation, position by position so ranks can all-reduce them:
+/// `[greedy correct, questions, sampled accuracy]` in total, then the same per category.
+struct Tally {
+    sums: Vec<f64>,
+}
+
+impl Tally {
+    fn new(categories: usize) -> Self {
+        Tally { sums: vec![0.0; 3 * (1 + categories)] }
+    }
+
+    /// One question: its greedy score, its sampled answers' scores (may be empty), its category.
+    fn add(&mut self, greedy: f64, sampled: &[f64], category: Option<usize>) {
+        let mean = if sampled.is_empty() { 0.0 } else { sampled.iter().sum::<f64>() / sampled.len() as f64 };
+        for base in std::iter::once(0).chain(category.map(|c| 3 * (c + 1))) {
+            self.sums[base] += greedy;
+            self.sums[base + 1] += 1.0;
+            self.sums[base + 2] += mean;
+        }
+    }
+
+    fn result(&self, categories: &[String], sampling: Option<&EvalSampling>) -> EvalResult {
+        let frac = |k: f64, n: f64| if n == 0.0 { 0.0 } else { k / n };
+        let s = &self.sums;
+        let present = || categories.iter().enumerate().map(|(i, c)| (c, 3 * (i + 1))).filter(|(_, b)| s[b + 1] > 0.0);
+        EvalResult {
+            accuracy: frac(s[0], s[1]),
+            n: s[1].round() as usize,
+            by_category: present().map(|(c, b)| (c.clone(), CategoryAccuracy { accuracy: frac(s[b], s[b + 1]), n: s[b + 1].round() as usize })).collect(),
+            sampled: sampling.map(|e| SampledAccuracy {
+                accuracy: frac(s[2], s[1]),
+                samples: e.samples,
+                temperature: e.temperature,
+                top_p: e.top_p,
+                by_category: present().map(|(c, b)| (c.clone(), frac(s[b + 2], s[b + 1]))).collect(),
+            }),
+        }
+    }
+}
+
+/// Greedy (and, with `sampling`, sampled) answers of `model` to this rank's `samples`, scored
+/// with the accuracy reward; sums over ranks, in total and per entry of `categories` (see
+/// [`categories`]).
 pub fn evaluate(
     model: &Qwen25Vl,
     enc: &Encoder,
@@ -78,53 +178,26 @@ pub fn evaluate(
     samples: &[Sample],
     categories: &[String],
     max_new_tokens: usize,
+    sampling: Option<&EvalSampling>,
 ) -> Result<EvalResult> {
-    let params = SamplingParams { max_new_tokens, temperature: 0.0, ..Default::default() };
     let reward = AccuracyReward::default();
-    // [correct, n] in total, then per category.
-    let mut counts = vec![0.0f64; 2 + 2 * categories.len()];
-    for chunk in samples.chunks(EVAL_BATCH) {
-        let mut prompts = Vec::with_capacity(chunk.len());
-        let mut reqs = Vec::with_capacity(chunk.len());
-        let mut slots = Vec::with_capacity(chunk.len());
-        for s in chunk {
-            let Some(gt) = ground_truth(s) else {
-                tracing::warn!(id = %s.id, "evaluation sample has no answer; skipped");
-                continue;
-            };
-            prompts.push(enc.encode_prompt(s)?);
-            slots.push(category(s).and_then(|c| categories.iter().position(|x| x == c)));
-            reqs.push(RewardRequest { prompt: prompt_text(s), completion: String::new(), answer: Some(gt), meta: serde_json::Value::Null });
-        }
-        if prompts.is_empty() {
-            continue;
-        }
-        let gens = generate(model, &prompts, &params).map_err(crate::training::TrainingError::from)?;
-        for (g, r) in gens.iter().zip(reqs.iter_mut()) {
-            r.completion = enc.processor().decode(&g.token_ids, true).map_err(crate::training::TrainingError::from)?;
-        }
+    let questions = scored_samples(samples);
+    let answers = answer_questions(model, enc, &questions, max_new_tokens, sampling)?;
+    let mut tally = Tally::new(categories.len());
+    for (s, (greedy, sampled)) in questions.into_iter().zip(&answers) {
+        let req = |completion: &String| RewardRequest {
+            prompt: prompt_text(s),
+            completion: completion.clone(),
+            answer: ground_truth(s),
+            meta: serde_json::Value::Null,
+        };
+        let reqs: Vec<RewardRequest> = std::iter::once(greedy).chain(sampled).map(req).collect();
         let scores = reward.score_batch(&reqs)?;
-        for (score, slot) in scores.iter().zip(&slots) {
-            counts[0] += score;
-            counts[1] += 1.0;
-            if let Some(i) = slot {
-                counts[2 + 2 * i] += score;
-                counts[3 + 2 * i] += 1.0;
-            }
-        }
+        let slot = category(s).and_then(|c| categories.iter().position(|x| x == c));
+        tally.add(scores[0], &scores[1..], slot);
     }
-    all_reduce_scalars(comm, &mut counts)?;
-    let accuracy = |correct: f64, n: f64| if n == 0.0 { 0.0 } else { correct / n };
-    let by_category = categories
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| counts[3 + 2 * i] > 0.0)
-        .map(|(i, c)| {
-            let (k, n) = (counts[2 + 2 * i], counts[3 + 2 * i]);
-            (c.clone(), CategoryAccuracy { accuracy: accuracy(k, n), n: n.round() as usize })
-        })
-        .collect::<BTreeMap<_, _>>();
-    Ok(EvalResult { accuracy: accuracy(counts[0], counts[1]), n: counts[1].round() as usize, by_category })
+    all_reduce_scalars(comm, &mut tally.sums)?;
+    Ok(tally.result(categories, sampling))
 }
 
 #[cfg(test)]
@@ -133,6 +206,45 @@ mod tests {
 
     fn row(meta: serde_json::Value) -> Sample {
         Sample { id: "x".into(), messages: vec![], images: vec![], answer: Some("1".into()), meta }
+    }
+
+    #[test]
+    fn question_seeds_are_fnv1a_of_the_id() {
+        // Published FNV-1a 64 test vectors: a stable seed, whatever the Rust version or platform.
+        assert_eq!(question_seed(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(question_seed("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(question_seed("foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn tally_averages_samples_per_question_and_splits_categories() {
+        let cats = ["color".to_string(), "count".to_string(), "shape".to_string()];
+        let e = EvalSampling { samples: 4, temperature: 0.6, top_p: 0.95 };
+        let mut t = Tally::new(cats.len());
+        t.add(1.0, &[1.0, 1.0, 0.0, 0.0], Some(0)); // colour: greedy right, 2 of 4 samples
+        t.add(0.0, &[1.0, 0.0, 0.0, 0.0], Some(1)); // count: greedy wrong, 1 of 4
+        t.add(1.0, &[1.0, 1.0, 1.0, 1.0], Some(0)); // colour: all right
+        t.add(0.0, &[0.0; 4], None); // a question without a category counts in the total only
+        let r = t.result(&cats, Some(&e));
+        assert_eq!((r.accuracy, r.n), (0.5, 4));
+        let s = r.sampled.as_ref().unwrap();
+        assert_eq!(s.accuracy, (0.5 + 0.25 + 1.0 + 0.0) / 4.0);
+        assert_eq!((s.samples, s.temperature, s.top_p), (4, 0.6, 0.95));
+        assert_eq!(r.by_category.len(), 2, "shape had no question: not reported");
+        assert_eq!((r.by_category["color"].accuracy, r.by_category["color"].n), (1.0, 2));
+        assert_eq!((r.by_category["count"].accuracy, r.by_category["count"].n), (0.0, 1));
+        assert_eq!(s.by_category["color"], 0.75);
+        assert_eq!(s.by_category["count"], 0.25);
+        // Two ranks' tallies summed position by position give the result of one tally of both.
+        let (mut a, mut b, mut both) = (Tally::new(3), Tally::new(3), Tally::new(3));
+        a.add(1.0, &[0.0, 1.0], Some(2));
+        b.add(0.0, &[1.0, 1.0], Some(2));
+        both.add(1.0, &[0.0, 1.0], Some(2));
+        both.add(0.0, &[1.0, 1.0], Some(2));
+        let sum: Vec<f64> = a.sums.iter().zip(&b.sums).map(|(x, y)| x + y).collect();
+        assert_eq!(sum, both.sums);
+        // Greedy only: no sampled block.
+        assert!(t.result(&cats, None).sampled.is_none());
     }
 
     #[test]

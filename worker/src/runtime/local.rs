@@ -507,6 +507,21 @@ fn run_job(
                     let before = b.by_category.get(c).map_or("?".to_string(), |x| format!("{:.1}%", 100.0 * x.accuracy));
                     eprintln!("  {c}: {before} -> {:.1}% (n={})", 100.0 * after.accuracy, after.n);
                 }
+                if let Some(sa) = &a.sampled {
+                    let pct = |x: Option<f64>| x.map_or("?".to_string(), |v| format!("{:.1}%", 100.0 * v));
+                    let sb = b.sampled.as_ref();
+                    eprintln!(
+                        "  sampled answers (mean of {} at T {}, top-p {}): {} -> {}",
+                        sa.samples,
+                        sa.temperature,
+                        sa.top_p,
+                        pct(sb.map(|x| x.accuracy)),
+                        pct(Some(sa.accuracy))
+                    );
+                    for (c, after) in &sa.by_category {
+                        eprintln!("    {c}: {} -> {}", pct(sb.and_then(|x| x.by_category.get(c).copied())), pct(Some(*after)));
+                    }
+                }
             }
             _ => eprintln!("{kind} {name}: Succeeded in {secs:.0}s"),
         }

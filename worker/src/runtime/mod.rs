@@ -19,7 +19,7 @@ pub mod trainer;
 use std::path::PathBuf;
 
 pub use env::TrainerEnv;
-pub use report::{CategoryAccuracy, EvalResult, Reporter};
+pub use report::{CategoryAccuracy, EvalResult, Reporter, SampledAccuracy};
 pub use settings::JobSettings;
 
 /// Exit code of a trainer that stopped on SIGINT/SIGTERM after writing a resumable checkpoint

@@ -27,6 +27,22 @@ pub struct EvalResult {
     /// families, benchmark subjects), when the evaluation set names them.
     #[serde(rename = "byCategory", default, skip_serializing_if = "BTreeMap::is_empty")]
     pub by_category: BTreeMap<String, CategoryAccuracy>,
+    /// With `eval.sampling`: the mean accuracy of the sampled answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampled: Option<SampledAccuracy>,
+}
+
+/// Mean accuracy of `samples` sampled answers per question (pass@1 estimated from `samples`
+/// draws), in total and per category; `accuracy` next to it is the greedy one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SampledAccuracy {
+    pub accuracy: f64,
+    pub samples: usize,
+    pub temperature: f64,
+    pub top_p: f64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub by_category: BTreeMap<String, f64>,
 }
 
 /// Accuracy on the questions of one category.

@@ -21,6 +21,8 @@ pub struct JobSettings {
     pub eval_dataset: Option<PathBuf>,
     pub eval_fraction: f64,
     pub eval_every: u64,
+    /// `eval.sampling`: also score sampled answers (mean accuracy over the samples).
+    pub eval_sampling: Option<EvalSampling>,
     /// Final model (HF layout), `metrics.jsonl`, `status.json`; checkpoints in `checkpoints/`.
     pub output: PathBuf,
     pub learning_rate: f64,
@@ -41,6 +43,14 @@ pub struct JobSettings {
     /// `trainer.zeroStage`: 0 = every rank holds the full optimizer state, 1 = ZeRO-1 (sharded).
     pub zero_stage: u8,
     pub grpo: Option<GrpoSettings>,
+}
+
+/// Sampled evaluation: `samples` completions per question at `temperature` and `top_p`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalSampling {
+    pub samples: usize,
+    pub temperature: f64,
+    pub top_p: f64,
 }
 
 /// GRPO-only settings.
@@ -85,6 +95,22 @@ impl JobSettings {
             1 => 1,
             z => return Err(bad(format!("trainer.zeroStage must be 0 (off) or 1 (ZeRO-1 optimizer-state sharding), got {z}"))),
         };
+        let eval_sampling = match &c.eval.sampling {
+            None => None,
+            Some(e) => {
+                // The API server enforces these too; a job file written by hand is checked here.
+                if !(1..=64).contains(&e.samples) {
+                    return Err(bad(format!("eval.sampling.samples must be in [1, 64], got {}", e.samples)));
+                }
+                if !(e.temperature > 0.0 && e.temperature <= 10.0) {
+                    return Err(bad(format!("eval.sampling.temperature must be in (0, 10], got {}", e.temperature)));
+                }
+                if !(e.top_p > 0.0 && e.top_p <= 1.0) {
+                    return Err(bad(format!("eval.sampling.topP must be in (0, 1], got {}", e.top_p)));
+                }
+                Some(EvalSampling { samples: e.samples as usize, temperature: e.temperature, top_p: e.top_p })
+            }
+        };
         let grpo = match job.grpo() {
             None => None,
             Some((g, rollout)) => Some(grpo_settings(g, rollout.replicas, h.global_batch_size)?),
@@ -98,6 +124,7 @@ impl JobSettings {
             eval_dataset: c.eval.dataset.as_ref().map(|d| PathBuf::from(&d.path)),
             eval_fraction: c.eval.fraction,
             eval_every: c.eval.every_steps.max(1) as u64,
+            eval_sampling,
             output: PathBuf::from(&c.output.path),
             learning_rate: h.learning_rate,
             epochs: h.epochs as u64,
@@ -193,4 +220,34 @@ fn grpo_settings(g: &GrpoSpec, replicas: i32, global_batch: i32) -> Result<GrpoS
         rollout_replicas: replicas.max(0) as usize,
         max_sampling_rounds,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sft(eval: &str) -> Result<JobSettings> {
+        let yaml = format!(
+            "apiVersion: onevision.dev/v1alpha1\nkind: SFTJob\nmetadata: {{name: j}}\nspec:\n  model: {{path: /m}}\n  dataset: {{path: /d.jsonl}}\n  output: {{path: /o}}\n  trainer: {{nodes: 1, image: x}}\n  hyperparameters: {{learningRate: 1.0e-3, globalBatchSize: 4, microBatchSize: 2}}\n  eval: {eval}\n"
+        );
+        JobSettings::from_job(&AnyJob::from_yaml(&yaml).unwrap())
+    }
+
+    #[test]
+    fn eval_sampling_defaults_to_r1_settings_and_rejects_bad_values() {
+        assert_eq!(sft("{everySteps: 5}").unwrap().eval_sampling, None);
+        let s = sft("{sampling: {}}").unwrap().eval_sampling.unwrap();
+        assert_eq!(s, EvalSampling { samples: 8, temperature: 0.6, top_p: 0.95 });
+        let s = sft("{sampling: {samples: 2, temperature: 1.0, topP: 1.0}}").unwrap().eval_sampling.unwrap();
+        assert_eq!(s, EvalSampling { samples: 2, temperature: 1.0, top_p: 1.0 });
+        for (bad, field) in [
+            ("{sampling: {samples: 0}}", "eval.sampling.samples"),
+            ("{sampling: {samples: 65}}", "eval.sampling.samples"),
+            ("{sampling: {temperature: 0.0}}", "eval.sampling.temperature"),
+            ("{sampling: {topP: 1.5}}", "eval.sampling.topP"),
+        ] {
+            let e = sft(bad).unwrap_err().to_string();
+            assert!(e.contains(field), "{bad}: {e}");
+        }
+    }
 }

@@ -323,8 +323,8 @@ pub fn run_job(
     let before = match before {
         Some(b) => Some(b),
         None if has_eval => {
-            let e = evaluate(&trainer.model, cx.enc, cx.comm, &eval_shard, &eval_categories, eval_budget)?;
-            tracing::info!(accuracy = e.accuracy, n = e.n, "evaluation before training");
+            let e = evaluate(&trainer.model, cx.enc, cx.comm, &eval_shard, &eval_categories, eval_budget, s.eval_sampling.as_ref())?;
+            tracing::info!(accuracy = e.accuracy, sampled = ?e.sampled.as_ref().map(|x| x.accuracy), n = e.n, "evaluation before training");
             Some(e)
         }
         None => None,
@@ -382,8 +382,11 @@ pub fn run_job(
         line["epoch"] = serde_json::json!(step as f64 / steps_per_epoch as f64);
         let mut eval_acc = None;
         if has_eval && step % s.eval_every == 0 && step < total {
-            let e = evaluate(&trainer.model, cx.enc, cx.comm, &eval_shard, &eval_categories, eval_budget)?;
+            let e = evaluate(&trainer.model, cx.enc, cx.comm, &eval_shard, &eval_categories, eval_budget, s.eval_sampling.as_ref())?;
             line["eval_accuracy"] = serde_json::json!(e.accuracy);
+            if let Some(x) = &e.sampled {
+                line["eval_accuracy_sampled"] = serde_json::json!(x.accuracy);
+            }
             tm.set_accuracy("eval", e.accuracy);
             eval_acc = Some(e.accuracy);
         }
@@ -431,8 +434,8 @@ pub fn run_job(
     }
 
     let after = if has_eval {
-        let e = evaluate(&trainer.model, cx.enc, cx.comm, &eval_shard, &eval_categories, eval_budget)?;
-        tracing::info!(accuracy = e.accuracy, n = e.n, "evaluation after training");
+        let e = evaluate(&trainer.model, cx.enc, cx.comm, &eval_shard, &eval_categories, eval_budget, s.eval_sampling.as_ref())?;
+        tracing::info!(accuracy = e.accuracy, sampled = ?e.sampled.as_ref().map(|x| x.accuracy), n = e.n, "evaluation after training");
         tm.set_accuracy("eval", e.accuracy);
         Some(e)
     } else {
