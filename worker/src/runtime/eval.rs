@@ -6,7 +6,7 @@
 
 use onevision_comms::Communicator;
 use onevision_data::Sample;
-use onevision_model::{generate, generate_groups, Generation, GroupJob, Qwen25Vl, SamplingParams};
+use onevision_model::{generate_groups, Generation, GroupJob, Qwen25Vl, SamplingParams};
 use onevision_rewards::{extract_answer, AccuracyReward, Reward, RewardRequest};
 
 use super::dist::all_reduce_scalars;
@@ -90,25 +90,31 @@ pub fn answer_questions(
     let mut out = Vec::with_capacity(questions.len());
     for chunk in questions.chunks(EVAL_BATCH) {
         let prompts = chunk.iter().map(|s| enc.encode_prompt(s)).collect::<std::result::Result<Vec<_>, _>>()?;
-        let gens = generate(model, &prompts, &greedy).map_err(crate::training::TrainingError::from)?;
-        let mut sampled: Vec<Vec<String>> = vec![Vec::new(); chunk.len()];
-        if let Some(e) = sampling {
-            let params: Vec<SamplingParams> = chunk
+        let sampled_params: Vec<SamplingParams> = match sampling {
+            Some(e) => chunk
                 .iter()
                 .map(|s| SamplingParams { max_new_tokens, temperature: e.temperature as f32, top_p: e.top_p as f32, seed: question_seed(&s.id), ..Default::default() })
-                .collect();
-            let jobs: Vec<GroupJob<'_>> = prompts
-                .iter()
-                .zip(&params)
-                .enumerate()
-                .map(|(i, (prompt, params))| GroupJob { tag: i as u64, prompt, n: e.samples, params, first_stream: 0 })
-                .collect();
-            for (slot, group) in sampled.iter_mut().zip(generate_groups(model, &jobs).map_err(crate::training::TrainingError::from)?) {
-                *slot = group.iter().map(decode).collect::<std::result::Result<_, _>>()?;
-            }
-        }
-        for (g, s) in gens.iter().zip(sampled) {
-            out.push((decode(g)?, s));
+                .collect(),
+            None => Vec::new(),
+        };
+        // Greedy and sampled groups decode as one batch: the greedy answer of question i is job
+        // i (stream i, as `generate` would use), its samples job chunk.len() + i.
+        let (n, k) = (chunk.len(), sampling.map_or(0, |e| e.samples));
+        let jobs: Vec<GroupJob<'_>> = (prompts.iter().enumerate())
+            .map(|(i, prompt)| GroupJob { tag: i as u64, prompt, n: 1, params: &greedy, first_stream: i as u64 })
+            .chain(prompts.iter().zip(&sampled_params).enumerate().map(|(i, (prompt, params))| GroupJob {
+                tag: (n + i) as u64,
+                prompt,
+                n: k,
+                params,
+                first_stream: 0,
+            }))
+            .collect();
+        let groups = generate_groups(model, &jobs).map_err(crate::training::TrainingError::from)?;
+        let (greedy_groups, sampled_groups) = groups.split_at(n);
+        for (i, g) in greedy_groups.iter().enumerate() {
+            let samples = sampled_groups.get(i).map_or(Ok(Vec::new()), |grp| grp.iter().map(decode).collect::<std::result::Result<Vec<_>, _>>())?;
+            out.push((decode(&g[0])?, samples));
         }
     }
     Ok(out)
@@ -185,10 +191,11 @@ pub fn evaluate(
     let answers = answer_questions(model, enc, &questions, max_new_tokens, sampling)?;
     let mut tally = Tally::new(categories.len());
     for (s, (greedy, sampled)) in questions.into_iter().zip(&answers) {
+        let (prompt, answer) = (prompt_text(s), ground_truth(s));
         let req = |completion: &String| RewardRequest {
-            prompt: prompt_text(s),
+            prompt: prompt.clone(),
             completion: completion.clone(),
-            answer: ground_truth(s),
+            answer: answer.clone(),
             meta: serde_json::Value::Null,
         };
         let reqs: Vec<RewardRequest> = std::iter::once(greedy).chain(sampled).map(req).collect();

@@ -334,7 +334,7 @@ pub fn run_job(
         r.write_status()?;
     }
     if let Some(b) = &before {
-        tm.set_accuracy("eval", b.accuracy);
+        record_eval(tm, b);
     }
     let save = |trainer: &Trainer, step: u64, cursor: &BatchCursor| -> Result<Option<std::path::PathBuf>> {
         let p = cursor.position();
@@ -387,7 +387,7 @@ pub fn run_job(
             if let Some(x) = &e.sampled {
                 line["eval_accuracy_sampled"] = serde_json::json!(x.accuracy);
             }
-            tm.set_accuracy("eval", e.accuracy);
+            record_eval(tm, &e);
             eval_acc = Some(e.accuracy);
         }
         if step % s.checkpoint_every == 0 && step < total {
@@ -436,7 +436,7 @@ pub fn run_job(
     let after = if has_eval {
         let e = evaluate(&trainer.model, cx.enc, cx.comm, &eval_shard, &eval_categories, eval_budget, s.eval_sampling.as_ref())?;
         tracing::info!(accuracy = e.accuracy, sampled = ?e.sampled.as_ref().map(|x| x.accuracy), n = e.n, "evaluation after training");
-        tm.set_accuracy("eval", e.accuracy);
+        record_eval(tm, &e);
         Some(e)
     } else {
         None
@@ -475,5 +475,39 @@ fn kind_word(k: JobKind) -> &'static str {
     match k {
         JobKind::SFTJob => "SFT",
         JobKind::GRPOJob => "GRPO",
+    }
+}
+
+/// Held-out accuracy gauges: `split="eval"` (greedy) and, with `eval.sampling`, `eval_sampled`.
+fn record_eval(tm: &TrainerMetrics, e: &EvalResult) {
+    tm.set_accuracy("eval", e.accuracy);
+    if let Some(x) = &e.sampled {
+        tm.set_accuracy("eval_sampled", x.accuracy);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::SampledAccuracy;
+    use crate::telemetry::{JobLabels, Telemetry};
+
+    fn gauge_line(text: &str, split: &str) -> Option<String> {
+        text.lines().find(|l| l.starts_with("onevision_trainer_accuracy_ratio{") && l.contains(&format!("split=\"{split}\""))).map(str::to_string)
+    }
+
+    #[test]
+    fn evaluations_set_the_greedy_and_the_sampled_accuracy_gauges() {
+        let t = Telemetry::new();
+        let tm = t.trainer(&JobLabels::new("ns", "job", "GRPOJob"));
+        let mut e = EvalResult { accuracy: 0.625, n: 8, by_category: Default::default(), sampled: None };
+        record_eval(&tm, &e);
+        let text = t.encode();
+        assert!(gauge_line(&text, "eval").is_some_and(|l| l.ends_with(" 0.625")), "{text}");
+        assert!(gauge_line(&text, "eval_sampled").is_none(), "no eval.sampling, no sampled gauge: {text}");
+        e.sampled = Some(SampledAccuracy { accuracy: 0.375, samples: 8, temperature: 0.6, top_p: 0.95, by_category: Default::default() });
+        record_eval(&tm, &e);
+        let text = t.encode();
+        assert!(gauge_line(&text, "eval_sampled").is_some_and(|l| l.ends_with(" 0.375")), "{text}");
     }
 }
