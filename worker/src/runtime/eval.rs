@@ -3,7 +3,6 @@
 //! accuracy of k sampled answers per question (DeepSeek-R1's pass@1). Questions are sharded over
 //! ranks and the counts summed, so every rank returns the same result.
 
-
 use onevision_comms::Communicator;
 use onevision_data::Sample;
 use onevision_model::{generate_groups, Generation, GroupJob, Qwen25Vl, SamplingParams};
