@@ -134,19 +134,26 @@ fn location(s: &Shape, w: u32, h: u32) -> &'static str {
     ][row as usize][col as usize]
 }
 
-fn describe(s: &Shape, w: u32, h: u32) -> String {
-    format!(
-        "a {} {} at the {} (centre x={}, y={})",
-        s.color.name(),
-        s.kind.name(),
-        location(s, w, h),
-        s.x,
-        s.y
-    )
+fn describe(s: &Shape, w: u32, h: u32, pixels: Pixels) -> String {
+    let at = format!("a {} {} at the {}", s.color.name(), s.kind.name(), location(s, w, h));
+    match pixels {
+        Pixels::Omit => at,
+        Pixels::State => format!("{at} (centre x={}, y={})", s.x, s.y),
+    }
 }
 
-fn describe_all(shapes: &[Shape], w: u32, h: u32) -> String {
-    let items: Vec<String> = shapes.iter().map(|s| describe(s, w, h)).collect();
+/// Whether a trace states the shapes' pixel centres. Only traces that reason with them (position
+/// comparisons, naming the matching shapes of a count) do: elsewhere they are ~8 high-entropy
+/// tokens per shape that the answer does not depend on, which made SFT weaker and GRPO's policy
+/// gradient noisier on the quickstart (docs/runtime.md, "Traces without pixel coordinates").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pixels {
+    Omit,
+    State,
+}
+
+fn describe_all(shapes: &[Shape], w: u32, h: u32, pixels: Pixels) -> String {
+    let items: Vec<String> = shapes.iter().map(|s| describe(s, w, h, pixels)).collect();
     let n = shapes.len();
     format!(
         "The image shows {} shape{}: {}.",
@@ -213,7 +220,7 @@ fn color_task<R: Rng>(d: u8, w: u32, rng: &mut R) -> Option<Parts> {
             let q = format!("What colour is the shape? {}", color_options(palette));
             let r = format!(
                 "{} Its fill colour is {}, which is one of the options.",
-                describe_all(&shapes, w, w),
+                describe_all(&shapes, w, w, Pixels::Omit),
                 s.color.name()
             );
             Some((shapes_scene(w, shapes), q, color.name().into(), r))
@@ -232,7 +239,7 @@ fn color_task<R: Rng>(d: u8, w: u32, rng: &mut R) -> Option<Parts> {
             );
             let r = format!(
                 "{} Only one shape is a {}, and it is {}.",
-                describe_all(&shapes, w, w),
+                describe_all(&shapes, w, w, Pixels::Omit),
                 target.kind.name(),
                 target.color.name()
             );
@@ -250,7 +257,7 @@ fn shape_task<R: Rng>(d: u8, w: u32, rng: &mut R) -> Option<Parts> {
             let q = format!("What shape is shown? {}", shape_options());
             let r = format!(
                 "{} It is a {}.",
-                describe_all(&shapes, w, w),
+                describe_all(&shapes, w, w, Pixels::Omit),
                 kind.name()
             );
             Some((shapes_scene(w, shapes), q, kind.name().into(), r))
@@ -271,7 +278,7 @@ fn shape_task<R: Rng>(d: u8, w: u32, rng: &mut R) -> Option<Parts> {
             );
             let r = format!(
                 "{} The {} object is a {}.",
-                describe_all(&shapes, w, w),
+                describe_all(&shapes, w, w, Pixels::Omit),
                 target.color.name(),
                 target.kind.name()
             );
@@ -297,7 +304,7 @@ fn shape_task<R: Rng>(d: u8, w: u32, rng: &mut R) -> Option<Parts> {
             let q = format!("Which shape appears most often? {}", shape_options());
             let r = format!(
                 "{} Tally: {}. The most frequent is the {}.",
-                describe_all(&shapes, w, w),
+                describe_all(&shapes, w, w, Pixels::Omit),
                 tally.join(", "),
                 winner.name()
             );
@@ -326,7 +333,7 @@ fn count_task<R: Rng>(d: u8, w: u32, rng: &mut R) -> Option<Parts> {
             let q = "How many shapes are in the image?".to_string();
             let r = format!(
                 "{} Counting them one by one: {}. There {} {}.",
-                describe_all(&shapes, w, w),
+                describe_all(&shapes, w, w, Pixels::Omit),
                 (1..=n).map(|i| i.to_string()).collect::<Vec<_>>().join(", "),
                 if n == 1 { "is" } else { "are" },
                 n
@@ -351,7 +358,7 @@ fn count_task<R: Rng>(d: u8, w: u32, rng: &mut R) -> Option<Parts> {
             let q = format!("How many {} {} are in the image?", tc.name(), tk.plural());
             let r = format!(
                 "{} The {} {} among them: {}. That makes {}.",
-                describe_all(&shapes, w, w),
+                describe_all(&shapes, w, w, Pixels::State),
                 tc.name(),
                 tk.plural(),
                 if k == 0 {
@@ -442,7 +449,7 @@ fn position_task<R: Rng>(d: u8, w: u32, rng: &mut R) -> Option<Parts> {
             };
             let r = format!(
                 "{} {}. So the {} is {} the {}.",
-                describe_all(&shapes, w, w),
+                describe_all(&shapes, w, w, Pixels::State),
                 why,
                 name_a,
                 phrase,
@@ -468,7 +475,7 @@ fn position_task<R: Rng>(d: u8, w: u32, rng: &mut R) -> Option<Parts> {
             let q = format!("What colour is the {} shape? {}", word, color_options(&Color::ALL));
             let r = format!(
                 "{} Comparing the {} coordinates, the {} shape is the {} {} ({}={}).",
-                describe_all(&shapes, w, w),
+                describe_all(&shapes, w, w, Pixels::State),
                 coord,
                 word,
                 order[0].color.name(),

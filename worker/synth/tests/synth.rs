@@ -128,6 +128,29 @@ fn rows_are_sharegpt_with_one_image_and_consistent_answers() {
     }
 }
 
+/// Traces state pixel centres only where the reasoning uses them: position comparisons and the
+/// matching shapes of a grade-3 count. Colour, kind and grade-1/2 count traces name coarse
+/// locations; each shape of the scene is still described.
+#[test]
+fn traces_state_pixel_centres_only_where_the_reasoning_uses_them() {
+    let dir = tempfile::tempdir().unwrap();
+    synth(&opts(dir.path(), "color,shape,count,position", "1-3", 160, 0, 11)).unwrap();
+    let mut seen = BTreeMap::<(String, u64), usize>::new();
+    for r in read_rows(&dir.path().join("train.jsonl")) {
+        let family = r["family"].as_str().unwrap().to_string();
+        let d = r["difficulty"].as_u64().unwrap();
+        let trace = r["messages"][1]["content"].as_str().unwrap();
+        let n_shapes = r["scene"]["shapes"].as_array().unwrap().len();
+        let uses_pixels = family == "position" || (family == "count" && d == 3);
+        let states_pixels = trace.contains("x=");
+        assert_eq!(states_pixels, uses_pixels, "{family} grade {d}: {trace}");
+        // Every shape is described either way: one "a <colour> <kind> at the <place>" each.
+        assert_eq!(trace.matches(" at the ").count(), n_shapes, "{trace}");
+        *seen.entry((family, d)).or_default() += 1;
+    }
+    assert!(seen.len() >= 10, "too few (family, grade) pairs drawn: {seen:?}");
+}
+
 /// Minimal `^<think>(.*)</think><answer>(.*)</answer>$` matcher (no regex dependency).
 fn regex_lite(a: &'static str, b: &'static str, c: &'static str) -> impl Fn(&str) -> Option<(String, String)> {
     move |s: &str| {
