@@ -280,21 +280,31 @@ async fn groups_decode_together_up_to_the_capacity() {
     let groups: Vec<GroupRequest> = (0..5)
         .map(|i| GroupRequest { prompt_token_ids: text_prompt(i), images: vec![], group_size: 4, seed: i as u64 })
         .collect();
-    let mut c = w.client().await;
-    let poll = tokio::spawn(async move {
-        let mut peak = 0;
-        for _ in 0..5000 {
-            let info = c.info(v1::InfoRequest {}).await.unwrap().into_inner();
-            peak = peak.max(info.active_sequences);
-            if peak > 4 {
-                break;
+    // The peak is sampled by polling Info while the batch decodes. On a loaded 2-core machine
+    // (the other tests of this binary run beside it) the poller can be descheduled for the whole
+    // batched phase, so up to three rounds are tried; a worker that never batches fails all three.
+    let mut peak = 0;
+    let mut results = vec![];
+    for _round in 0..3 {
+        let mut c = w.client().await;
+        let poll = tokio::spawn(async move {
+            let mut peak = 0;
+            for _ in 0..5000 {
+                let info = c.info(v1::InfoRequest {}).await.unwrap().into_inner();
+                peak = peak.max(info.active_sequences);
+                if peak > 4 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            peak
+        });
+        results = pool.generate(groups.clone(), &s).await.unwrap();
+        peak = poll.await.unwrap();
+        if peak > 4 {
+            break;
         }
-        peak
-    });
-    let results = pool.generate(groups.clone(), &s).await.unwrap();
-    let peak = poll.await.unwrap();
+    }
     assert!(peak > 4 && peak <= 12, "active sequences peaked at {peak}: groups were not batched up to the capacity");
     for (g, r) in groups.iter().zip(&results) {
         let want = generate_group(&model, &PromptInput { input_ids: g.prompt_token_ids.clone(), ..Default::default() }, 4, &SamplingParams {
