@@ -145,7 +145,8 @@ fn describe(s: &Shape, w: u32, h: u32, pixels: Pixels) -> String {
 /// Whether a trace states the shapes' pixel centres. Only traces that reason with them (position
 /// comparisons, naming the matching shapes of a count) do: elsewhere they are ~8 high-entropy
 /// tokens per shape that the answer does not depend on, which made SFT weaker and GRPO's policy
-/// gradient noisier on the quickstart (docs/runtime.md, "Traces without pixel coordinates").
+/// gradient noisier on the quickstart (docs/runtime.md, "A new machine, and traces without pixel
+/// coordinates").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pixels {
     Omit,
